@@ -1,0 +1,151 @@
+"""Command-line flags. Names follow open_clip's `open_clip_train.params`; CLIP-KD's own flags are aliases.
+
+Each section belongs to one concern; validation that needs more than argparse lives in `validate_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(ValueError):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+def _comma_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.main",
+        description="Distil a frozen teacher CLIP into a student CLIP (open_clip models).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    # ---- models -------------------------------------------------------------------------------------------
+    g = p.add_argument_group("student and teacher")
+    g.add_argument("--model", default="ViT-T-16", help="student: open_clip name, a config shipped here, or a JSON path")
+    g.add_argument("--pretrained", default="", help="student initial weights: pretrained tag or local file")
+    g.add_argument("--teacher", "--t-model", dest="teacher", default=None,
+                   help="teacher architecture(s): open_clip name or JSON path; comma list for an ensemble")
+    g.add_argument("--teacher-pretrained", "--t-model-checkpoint", dest="teacher_pretrained", default=None,
+                   help="teacher weights: pretrained tag or local file (comma list matching --teacher)")
+    g.add_argument("--force-image-size", type=int, default=None, help="override the student's image size")
+    g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the student")
+    g.add_argument("--torchcompile", action="store_true", help="torch.compile the student")
+    g.add_argument("--lock-image", action="store_true", help=argparse.SUPPRESS)
+
+    # ---- distillation -------------------------------------------------------------------------------------
+    g = p.add_argument_group("distillation")
+    g.add_argument("--distill", default=None,
+                   help='loss spec, e.g. "task=1,crd=1,icl=1,fd=2000"; a term may carry a schedule '
+                        '"fd=2000@warmup:0:5000" or "crd=1@from:3000"')
+    g.add_argument("--recipe", default=None,
+                   help="preset: clip-kd | tinyclip | mobileclip | distillclip | open_clip | nvidia | none "
+                        "(an explicit --distill overrides it)")
+    g.add_argument("--alpha_ckd_loss", "--alpha-ckd-loss", dest="alpha_ckd_loss", type=float, default=None,
+                   help="CLIP-KD alias: weight of crd")
+    g.add_argument("--alpha_icl_loss", "--alpha-icl-loss", dest="alpha_icl_loss", type=float, default=None,
+                   help="CLIP-KD alias: weight of icl")
+    g.add_argument("--alpha_fd_loss", "--alpha-fd-loss", dest="alpha_fd_loss", type=float, default=None,
+                   help="CLIP-KD alias: weight of fd")
+    g.add_argument("--alpha_gd_loss", "--alpha-gd-loss", dest="alpha_gd_loss", type=float, default=None,
+                   help="CLIP-KD alias: weight of gd")
+    g.add_argument("--alpha_afd_loss", "--alpha-afd-loss", dest="alpha_afd_loss", type=float, default=None,
+                   help="CLIP-KD alias: weight of afd")
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of crd/xkd")
+    g.add_argument("--teacher-logit-scale", type=float, default=None,
+                   help="fixed teacher scale (instead of exp(teacher.logit_scale)); TinyCLIP uses 50")
+    g.add_argument("--student-kd-logit-scale", type=float, default=None,
+                   help="fixed student scale inside the KD terms (TinyCLIP uses 50)")
+    g.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden from the student (mfd)")
+    g.add_argument("--feat-layers", default=None, help='feat term layer pairs "s:t,s:t" (default: evenly spaced)')
+    g.add_argument("--emb-metric", default="mse", choices=["mse", "l1", "smooth_l1", "cosine"],
+                   help="metric of the emb/emb_text terms")
+    g.add_argument("--kd-teacher-member", type=int, default=None,
+                   help="with a teacher ensemble, the member the feature terms use (default: concatenation)")
+    g.add_argument("--kd-auto-balance", default="none", choices=["none", "uncertainty"],
+                   help="learned per-term weights (Kendall et al. 2018)")
+    g.add_argument("--kd-compat", default="none", choices=["none", "clipkd"],
+                   help="clipkd: CLIP-KD's published raw 2.659 scale multipliers for icl/xkd/afd")
+
+    # ---- data ---------------------------------------------------------------------------------------------
+    g = p.add_argument_group("data")
+    g.add_argument("--train-data", default=None,
+                   help="CSV file(s) (comma list), or WebDataset shards (brace patterns, '::' joins sources)")
+    g.add_argument("--val-data", default=None, help="validation CSV for retrieval metrics")
+    g.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "synthetic", "webdataset"])
+    g.add_argument("--csv-img-key", default="filepath")
+    g.add_argument("--csv-caption-key", default="title")
+    g.add_argument("--csv-separator", default="\t")
+    g.add_argument("--data-root", default=None,
+                   help="root joined to relative image paths; a comma list matching the CSV list")
+    g.add_argument("--train-num-samples", type=int, default=None,
+                   help="samples per epoch (required for WebDataset; caps/extends CSV epochs)")
+    g.add_argument("--val-num-samples", type=int, default=None)
+    g.add_argument("--synthetic-num-samples", type=int, default=1024, help="size of --dataset-type synthetic")
+    g.add_argument("--workers", type=int, default=2, help="data loader workers per process")
+    # webdataset (issue 4) ----------------------------------------------------------------------------------
+    # teacher cache (issue 5) -------------------------------------------------------------------------------
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=64, help="batch size per process")
+    g.add_argument("--epochs", type=int, default=32)
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--wd", type=float, default=0.2)
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.98)
+    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
+    g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const"])
+    g.add_argument("--precision", default="amp", choices=["fp32", "amp", "amp_bf16", "bf16"])
+    g.add_argument("--grad-clip-norm", type=float, default=None)
+    g.add_argument("--max-nonfinite-steps", type=int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps in total (the schedule still spans --epochs)")
+    # scale-out (issue 7) -----------------------------------------------------------------------------------
+
+    # ---- distributed --------------------------------------------------------------------------------------
+    g = p.add_argument_group("distributed")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
+    g.add_argument("--dist-url", default="env://")
+    g.add_argument("--local-loss", action="store_true",
+                   help="rows of each logit matrix are the local batch only (columns stay global)")
+    g.add_argument("--gather-with-grad", action="store_true",
+                   help="all-gather student features with gradient (exact gradients; recommended with --local-loss)")
+
+    # ---- logging, checkpoints, evaluation -----------------------------------------------------------------
+    g = p.add_argument_group("logging and checkpoints")
+    g.add_argument("--logs", default="./logs", help="root of run folders; '' disables logging and checkpoints")
+    g.add_argument("--name", default=None, help="run folder name (default: a timestamp and the models)")
+    g.add_argument("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs")
+    g.add_argument("--save-every-n-steps", type=int, default=None, help="also save mid-epoch every N steps")
+    g.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
+    g.add_argument("--report-to", default="", help="'tensorboard' or ''")
+    g.add_argument("--log-every-n-steps", type=int, default=100)
+    g.add_argument("--zeroshot-frequency", type=int, default=1, help="zero-shot eval every N epochs (0: never)")
+    g.add_argument("--val-frequency", type=int, default=1, help="retrieval eval every N epochs (0: never)")
+    g.add_argument("--zeroshot-data", default=None,
+                   help="image-folder zero-shot set with classnames.txt (and optional templates.txt)")
+    # evaluation suite (issue 6) ----------------------------------------------------------------------------
+    return p
+
+
+def alias_weights(args: argparse.Namespace) -> dict[str, float]:
+    """CLIP-KD's alpha_* flags as {term: weight}; they are merged over the recipe or --distill spec."""
+    alias_terms = {"alpha_ckd_loss": "crd", "alpha_icl_loss": "icl", "alpha_fd_loss": "fd",
+                   "alpha_gd_loss": "gd", "alpha_afd_loss": "afd"}
+    return {term: getattr(args, flag) for flag, term in alias_terms.items() if getattr(args, flag) is not None}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.distill_overrides = alias_weights(args)
+    args.teacher_list = _comma_list(args.teacher) if args.teacher else []
+    args.teacher_pretrained_list = _comma_list(args.teacher_pretrained) if args.teacher_pretrained else []
+    return args

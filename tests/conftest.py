@@ -1,0 +1,9 @@
+import os
+
+# No network here: pretrained tags must never try to download in tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
