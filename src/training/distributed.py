@@ -103,13 +103,29 @@ def all_gather_cat(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     if world_size == 1:
         return tensor
     if with_grad:
-        import torch.distributed.nn as dist_nn
-
-        return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+        return _AllGatherWithGrad.apply(tensor)
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor.detach().contiguous())
     parts[rank] = tensor
     return torch.cat(parts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world_size = world_info()
+        ctx.rank, ctx.rows = rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def all_reduce_mean_(tensors) -> None:
@@ -137,6 +153,19 @@ def reduce_sum(values: torch.Tensor) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values)
     return values
+
+
+def sum_counters(counts: dict[str, int]) -> dict[str, int]:
+    """Sum string-keyed counters over ranks (collective: every rank must call it)."""
+    if world_info()[1] == 1:
+        return dict(counts)
+    gathered: list = [None] * world_info()[1]
+    dist.all_gather_object(gathered, dict(counts))
+    total: dict[str, int] = {}
+    for part in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def cleanup() -> None:

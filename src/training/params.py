@@ -87,7 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-num-samples", type=int, default=1024, help="size of --dataset-type synthetic")
     g.add_argument("--workers", type=int, default=2, help="data loader workers per process")
     # webdataset (issue 4) ----------------------------------------------------------------------------------
+    g.add_argument("--dataset-resampled", action="store_true",
+                   help="WebDataset: draw shards with replacement (no fixed epochs; resume starts a fresh seeded stream)")
+    g.add_argument("--train-data-upsampling-factors", default=None,
+                   help="WebDataset: per-source shard weights joined with '::' (one per '::' source of --train-data); "
+                        "needs --dataset-resampled")
+    g.add_argument("--wds-caption-key", default="txt",
+                   help="WebDataset caption: a tar member extension (txt), else this (dotted) field of the .json member")
+    g.add_argument("--wds-key-format", default="auto", choices=["auto", "key", "shard"],
+                   help="WebDataset sample keys: auto = __key__ (prefixed by the source folder with several sources), "
+                        "key = bare __key__, shard = <shard stem>/__key__")
+    g.add_argument("--wds-shuffle-buffer", type=int, default=5000, help="WebDataset per-worker sample shuffle buffer")
     # teacher cache (issue 5) -------------------------------------------------------------------------------
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="train from teacher embeddings cached by python -m training.cache_teacher: no teacher is "
+                        "built or run (docs/teacher_cache.md)")
+    g.add_argument("--cache-missing", default="error", choices=["error", "skip"],
+                   help="a training sample absent from the cache: stop with an error, or skip it (counted as "
+                        "skipped/not_in_teacher_cache and replaced, so batches stay full)")
+    g.add_argument("--cache-views", default="auto", choices=["auto", "augmented", "all", "centre"],
+                   help="cached views a sample draws from each epoch: auto = the augmented views 1..K-1 "
+                        "(the centre view 0 when the cache has one view), all = 0..K-1, centre = view 0 only")
+    g.add_argument("--cache-verify", default="checksum", choices=["checksum", "size"],
+                   help="shard check at start-up: sha256 of every shard (split over ranks), or sizes only")
 
     # ---- optimisation -------------------------------------------------------------------------------------
     g = p.add_argument_group("optimisation")
@@ -121,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- logging, checkpoints, evaluation -----------------------------------------------------------------
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--logs", default="./logs", help="root of run folders; '' disables logging and checkpoints")
+    g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
+                   help="root of run folders; '' disables logging and checkpoints. Under torchrun >= 2.6 spell it "
+                        "--logs-dir: torchrun's own parser rejects --logs as an abbreviation of its --logs-specs")
     g.add_argument("--name", default=None, help="run folder name (default: a timestamp and the models)")
     g.add_argument("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs")
     g.add_argument("--save-every-n-steps", type=int, default=None, help="also save mid-epoch every N steps")
@@ -133,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--zeroshot-data", default=None,
                    help="image-folder zero-shot set with classnames.txt (and optional templates.txt)")
     # evaluation suite (issue 6) ----------------------------------------------------------------------------
+    g.add_argument("--eval-datasets", default=None,
+                   help="more sets evaluated in training, NAME=PATH comma list as in `python -m training.evaluate "
+                        "--datasets`: zero-shot for classification sets, retrieval for caption sets")
+    g.add_argument("--eval-frequency", type=int, default=1, help="--eval-datasets every N epochs (0: never)")
     return p
 
 

@@ -1,0 +1,111 @@
+"""The embedded demo: world -> teacher -> KD student and no-KD baseline -> evaluation table.
+
+Run through `bash scripts/quickstart.sh` (which also creates the environment). Everything is offline and
+deterministic by seed. Each training run is the real CLI (`python -m training.main`), so this is also the
+smallest complete example of how to use the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+import training  # noqa: F401  (registers the tiny configs with open_clip)
+from training.data.transforms import EvalTransform, ImageFormat
+from training.data.world import generate_world
+from training.evaluate import evaluate_in_training
+from training.models import create_clip
+
+
+def sh(cmd: list[str], log_path: str) -> None:
+    """Run one CLI step, its output in a log file; on failure, show the tail and stop."""
+    with open(log_path, "w") as log:
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        with open(log_path) as f:
+            sys.stderr.write("".join(f.readlines()[-30:]))
+        raise SystemExit(f"step failed ({result.returncode}): {' '.join(cmd)}")
+
+
+def train(out: str, name: str, model: str, world, epochs: int, extra: list[str], threads: int) -> str:
+    cmd = [sys.executable, "-m", "training.main", "--model", model, "--train-data", world.train_csv,
+           "--data-root", world.data_root, "--batch-size", "64", "--epochs", str(epochs), "--lr", "2e-3",
+           "--wd", "0.1", "--warmup", "50", "--precision", "fp32", "--device", "cpu",
+           "--workers", "1", "--logs", os.path.join(out, "runs"), "--name", name, "--log-every-n-steps", "50",
+           "--zeroshot-frequency", "0", "--val-frequency", "0", "--seed", "0", "--save-frequency", str(epochs),
+           *extra]
+    start = time.time()
+    env_threads = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    log_path = os.path.join(out, f"{name}.log")
+    with open(log_path, "w") as log:
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_threads)
+    if result.returncode != 0:
+        with open(log_path) as f:
+            sys.stderr.write("".join(f.readlines()[-30:]))
+        raise SystemExit(f"training '{name}' failed; full log: {log_path}")
+    print(f"  trained {name:<9} ({model}) in {time.time() - start:5.0f}s  log: {log_path}", flush=True)
+    return os.path.join(out, "runs", name, "checkpoints", f"epoch_{epochs}.pt")
+
+
+def evaluate(arch: str, ckpt: str, world) -> dict[str, float]:
+    model = create_clip(arch, ckpt, torch.device("cpu")).eval()
+    import open_clip
+
+    args = argparse.Namespace(zeroshot_data=world.zeroshot_dir, val_data=world.val_csv, data_root=world.data_root,
+                              csv_img_key="filepath", csv_caption_key="title", csv_separator="\t",
+                              zeroshot_frequency=1, val_frequency=1, batch_size=128, workers=0)
+    return evaluate_in_training(model, EvalTransform(ImageFormat.from_model(model)), open_clip.get_tokenizer(arch),
+                                args, 1, torch.device("cpu"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=4000)
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--student-epochs", type=int, default=8)
+    p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    opts = p.parse_args()
+    torch.set_num_threads(opts.threads)
+    os.makedirs(opts.out, exist_ok=True)
+    t0 = time.time()
+    world = generate_world(os.path.join(opts.out, "world"), seed=opts.seed, num_train=opts.num_train)
+    print(f"[1/4] world: {world.num_train} train pairs, {world.num_val} val pairs, "
+          f"{world.num_zeroshot} zero-shot images in {len(world.classnames)} classes", flush=True)
+
+    print("[2/4] training the teacher (tiny-teacher, contrastive task loss only)", flush=True)
+    teacher_ckpt = train(opts.out, "teacher", "tiny-teacher", world, opts.teacher_epochs, ["--distill", "task=1"],
+                         opts.threads)
+    teacher_file = os.path.join(opts.out, "teacher.pt")
+    sh([sys.executable, "-m", "training.export", teacher_ckpt, teacher_file], os.path.join(opts.out, "export.log"))
+
+    print("[3/4] distilling the student with the CLIP-KD recipe, and a no-KD baseline", flush=True)
+    kd_ckpt = train(opts.out, "kd", "tiny-student", world, opts.student_epochs,
+                    ["--teacher", "tiny-teacher", "--teacher-pretrained", teacher_file, "--recipe", "clip-kd"],
+                    opts.threads)
+    base_ckpt = train(opts.out, "baseline", "tiny-student", world, opts.student_epochs, ["--distill", "task=1"],
+                      opts.threads)
+
+    print("[4/4] evaluating", flush=True)
+    rows = {"teacher (tiny-teacher)": evaluate("tiny-teacher", teacher_file, world),
+            "student, CLIP-KD": evaluate("tiny-student", kd_ckpt, world),
+            "student, no KD (baseline)": evaluate("tiny-student", base_ckpt, world)}
+    teacher = rows["teacher (tiny-teacher)"]
+    zs, r1 = "zeroshot/top1", "retrieval/image_to_text_R@1"
+    r1t = "retrieval/text_to_image_R@1"
+    print("\n| model | zero-shot top-1 | I→T R@1 | T→I R@1 | retention (zero-shot) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, m in rows.items():
+        retention = 100 * m[zs] / teacher[zs] if teacher[zs] else float("nan")
+        print(f"| {name} | {100 * m[zs]:.1f} | {100 * m[r1]:.1f} | {100 * m[r1t]:.1f} | {retention:.0f}% |")
+    print(f"\nquickstart finished in {time.time() - t0:.0f}s; runs, logs and checkpoints are in {opts.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""CSV image–caption data (open_clip / CLIP-KD format: `filepath<TAB>title`, paths relative to --data-root).
+
+Bad rows never crash training and never shrink a batch: an empty caption is dropped at load time, and a missing or
+corrupt image is replaced by the next good row of the same file; both are counted and reach the logs through the
+batch's `skipped` field.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..params import UsageError
+from .common import DataInfo, DataTransforms, collate, make_sample, sample_rng
+
+_MAX_SUBSTITUTES = 64
+
+
+def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, caption_key: str,
+                   sep: str) -> tuple[list[str], list[str], list[str], Counter]:
+    """Load and concatenate CSVs; returns (image paths, captions, keys, counts of dropped rows)."""
+    if roots and len(roots) not in (1, len(paths)):
+        raise UsageError(f"--data-root lists {len(roots)} roots for {len(paths)} CSV files; give one, or one per CSV")
+    images, captions, keys = [], [], []
+    dropped: Counter = Counter()
+    for i, path in enumerate(paths):
+        if not os.path.isfile(path):
+            raise UsageError(f"data file not found: {path}")
+        root = roots[i] if len(roots) == len(paths) else (roots[0] if roots else None)
+        try:
+            df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=3, engine="python"
+                             if len(sep) > 1 else "c")
+        except Exception as exc:  # pandas raises many types for malformed files
+            raise UsageError(f"cannot parse CSV {path}: {exc}".splitlines()[0]) from exc
+        for key in (img_key, caption_key):
+            if key not in df.columns:
+                raise UsageError(f"{path} has no column '{key}' (columns: {', '.join(map(str, df.columns))}); "
+                                 f"set --csv-img-key/--csv-caption-key/--csv-separator")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for row, (img, cap) in enumerate(zip(df[img_key].tolist(), df[caption_key].tolist())):
+            if not str(cap).strip():
+                dropped["empty_caption"] += 1
+                continue
+            images.append(os.path.join(root, img) if root and not os.path.isabs(img) else img)
+            captions.append(str(cap))
+            keys.append(f"{stem}/{row}")
+    if not images:
+        raise UsageError(f"no usable rows in {', '.join(paths)}")
+    return images, captions, keys, dropped
+
+
+class CsvDataset(Dataset):
+    """Map-style dataset; indexed by (row, epoch) so the augmentation depends only on (seed, epoch, key)."""
+
+    def __init__(self, paths: list[str], roots: list[str | None], transforms: DataTransforms, is_train: bool,
+                 img_key: str = "filepath", caption_key: str = "title", sep: str = "\t", seed: int = 0):
+        self.images, self.captions, self.keys, self.dropped = read_csv_table(paths, roots, img_key, caption_key, sep)
+        self.transforms = transforms
+        self.is_train = is_train
+        self.seed = seed
+        if self.dropped:
+            logging.warning("CSV: dropped rows at load time: %s", dict(self.dropped))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, idx: int):
+        with Image.open(self.images[idx]) as img:
+            img.load()
+            return img.convert("RGB")
+
+    def __getitem__(self, item) -> dict:
+        idx, epoch = item if isinstance(item, tuple) else (item, 0)
+        skipped: Counter = Counter()
+        for attempt in range(_MAX_SUBSTITUTES):
+            j = (idx + attempt) % len(self)
+            try:
+                image = self._load(j)
+            except FileNotFoundError:
+                skipped["missing_image"] += 1
+                continue
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+                skipped["corrupt_image"] += 1
+                continue
+            rng = sample_rng(self.seed, epoch, self.keys[j])
+            sample = make_sample(image, self.captions[j], self.keys[j], self.transforms, self.is_train, rng)
+            sample["skipped"] = dict(skipped)
+            return sample
+        raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive unreadable images from row {idx} ({self.images[idx]}); "
+                           "check --data-root")
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's (index, epoch) items, epoch-seeded and resumable.
+
+    Global batch b is permutation[b*G:(b+1)*G] and rank r takes its contiguous slice, so the rank-ordered gather of
+    N processes is exactly the batch one process would see: training is equivalent whatever the world size.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
+                 num_samples: int | None = None):
+        self.num_items, self.batch_size = num_items, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        global_batch = batch_size * world_size
+        total = num_samples if num_samples else num_items
+        self.num_batches = total // global_batch
+        if self.num_batches == 0:
+            raise UsageError(f"{total} samples are fewer than one global batch ({batch_size} x {world_size} ranks); "
+                             "lower --batch-size")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _order(self) -> np.ndarray:
+        needed = self.num_batches * self.batch_size * self.world_size
+        reps = -(-needed // self.num_items)
+        if not self.shuffle:
+            return np.tile(np.arange(self.num_items), reps)[:needed]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return np.concatenate([rng.permutation(self.num_items) for _ in range(reps)])[:needed]
+
+    def __iter__(self):
+        order = self._order()
+        gb = self.batch_size * self.world_size
+        for b in range(self.start_batch, self.num_batches):
+            start = b * gb + self.rank * self.batch_size
+            for i in order[start:start + self.batch_size]:
+                yield int(i), self.epoch
+
+    def __len__(self) -> int:
+        return (self.num_batches - self.start_batch) * self.batch_size
+
+
+def get_csv_dataset(args, transforms: DataTransforms, is_train: bool, epoch: int = 0) -> DataInfo:
+    from ..distributed import world_info
+
+    paths = [p for p in (args.train_data if is_train else args.val_data).split(",") if p]
+    roots = [r for r in args.data_root.split(",")] if args.data_root else []
+    dataset = CsvDataset(paths, roots, transforms, is_train, args.csv_img_key, args.csv_caption_key,
+                         args.csv_separator, seed=args.seed)
+    rank, world_size = world_info()
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, shuffle=is_train,
+                                 num_samples=args.train_num_samples if is_train else None)
+    sampler.set_epoch(epoch)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
+                        persistent_workers=False)
+    return DataInfo(dataloader=loader, num_batches=sampler.num_batches,
+                    num_samples=sampler.num_batches * args.batch_size * world_size,
+                    set_epoch_fn=sampler.set_epoch, extra={"dropped_at_load": dict(dataset.dropped)})

@@ -1,0 +1,197 @@
+"""`python -m training.main` (also under torchrun / srun): distil a teacher CLIP into a student CLIP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed
+from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, set_rng_state, write_latest
+from .data import DataInfo, DataTransforms, get_data
+from .data.transforms import EvalTransform, PairedViews
+from .logger import MetricLogger, setup_logging
+from .models import ModelBundle, StudentModel, create_student, create_teacher, embed_dim
+from .params import UsageError, parse_args
+from .scheduler import LRSchedule
+from .train import NonFiniteLossError, Trainer, train_one_epoch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_name(args) -> str:
+    if args.name:
+        return args.name
+    if args.resume == "latest":
+        raise UsageError("--resume latest needs --name (the run folder to resume)")
+    teacher = "-".join(os.path.splitext(os.path.basename(t))[0] for t in args.teacher_list) or "none"
+    model = os.path.splitext(os.path.basename(args.model))[0]
+    return f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-model_{model}-teacher_{teacher}-lr_{args.lr:g}-b_{args.batch_size}"
+
+
+def param_groups(student: torch.nn.Module, loss_fn: torch.nn.Module, wd: float) -> list[dict]:
+    """open_clip's grouping: no weight decay on gains, biases, norms, embeddings' scales and logit scales."""
+    def no_decay(name: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+    decay, no_wd = [], []
+    for module in (student, loss_fn):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                (no_wd if no_decay(name, p) else decay).append(p)
+    return [{"params": no_wd, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
+
+
+def build_transforms(args, student_bundle, teacher_bundle, teacher_cache=None) -> DataTransforms:
+    teacher_fmt = teacher_bundle.image_format if teacher_bundle else None
+    teacher_tok = None
+    if teacher_bundle and (teacher_bundle.context_length != student_bundle.context_length
+                           or type(teacher_bundle.tokenizer) is not type(student_bundle.tokenizer)):
+        teacher_tok = teacher_bundle.tokenizer
+    return DataTransforms(
+        tokenizer=student_bundle.tokenizer, teacher_tokenizer=teacher_tok,
+        train_views=PairedViews(student_bundle.image_format, teacher_fmt, train=True, seed=args.seed),
+        val_views=PairedViews(student_bundle.image_format, teacher_fmt, train=False),
+        teacher_cache=teacher_cache,
+    )
+
+
+@dataclass
+class Run:
+    """What `build` assembles from the flags: the trainer, its data, and where the run writes."""
+
+    trainer: Trainer
+    data: DataInfo
+    student_bundle: ModelBundle
+    log_dir: str | None
+    ckpt_dir: str | None
+
+
+def build(args, env: distributed.DistEnv) -> Run:
+    """Models, loss, data, optimizer and schedule from parsed flags (also used by benchmarks and tests)."""
+    from .distill import distill_loss_from_args
+
+    log_dir = os.path.join(args.logs, args.name) if args.logs and args.name else None
+    seed_everything(args.seed)  # same seed on every rank: identical student init and loss-side heads
+    student_bundle = create_student(args, env.device)
+    cache = None
+    if getattr(args, "teacher_cache", None):  # cached teacher embeddings: no teacher is built or run
+        from .teacher_cache import open_for_training
+
+        cache, teacher = open_for_training(args)
+        teacher_bundle = None
+    else:
+        teacher, teacher_bundle = create_teacher(args, env.device)
+    student = student_bundle.model
+    teacher_dims = teacher.embed_dims if teacher is not None else []
+    loss_fn = distill_loss_from_args(args, embed_dim(student), teacher_dims).to(env.device)
+    if loss_fn.needs_teacher and teacher is None:
+        raise UsageError("the --distill spec has teacher terms but no --teacher was given")
+    loss_fn.sync_()
+    logging.info("distillation: %s", loss_fn.describe() if hasattr(loss_fn, "describe") else loss_fn)
+
+    wrapped = StudentModel(student).to(env.device)
+    wrapped.mask_ratio = float(getattr(loss_fn, "mask_ratio", 0.0) or 0.0)
+    if env.distributed:
+        wrapped = DistributedDataParallel(wrapped, device_ids=[env.device] if env.device.type == "cuda" else None)
+
+    transforms = build_transforms(args, student_bundle, teacher_bundle, cache)
+    data = get_data(args, transforms, epoch=0, image_size=student_bundle.image_format.size)["train"]
+    args._num_batches = data.num_batches
+    total_steps = data.num_batches * args.epochs
+
+    optimizer = torch.optim.AdamW(param_groups(student, loss_fn, args.wd), lr=args.lr,
+                                  betas=(args.beta1, args.beta2), eps=args.eps)
+    scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and env.device.type == "cuda" else None
+    metrics = MetricLogger(os.path.join(log_dir, "tensorboard") if log_dir and "tensorboard" in args.report_to
+                           else None, enabled=env.is_master)
+    schedule = LRSchedule(optimizer, args.lr, args.warmup, total_steps, args.lr_scheduler)
+    trainer = Trainer(args=args, env=env, model=wrapped, student=student, teacher=teacher, loss_fn=loss_fn,
+                      optimizer=optimizer, scaler=scaler, schedule=schedule, metrics=metrics)
+    return Run(trainer, data, student_bundle, log_dir, os.path.join(log_dir, "checkpoints") if log_dir else None)
+
+
+def run(argv=None) -> int:
+    args = parse_args(argv)
+    env = distributed.init_distributed(args.device, args.dist_backend, args.dist_url)
+    args.name = run_name(args)
+    log_dir = os.path.join(args.logs, args.name) if args.logs else None
+    setup_logging(os.path.join(log_dir, "out.log") if log_dir else None, env.is_master)
+    logging.info("rank %d/%d on %s", env.rank, env.world_size, env.device)
+    built = build(args, env)
+    trainer, data, ckpt_dir = built.trainer, built.data, built.ckpt_dir
+
+    resume_path = args.resume
+    if resume_path == "latest":
+        resume_path = latest_checkpoint(ckpt_dir) if ckpt_dir else None
+        if resume_path is None:
+            logging.info("--resume latest: no checkpoint in %s yet, starting fresh", ckpt_dir)
+    if resume_path:
+        state = load_checkpoint(resume_path)
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+        logging.info("resumed from %s at epoch %d, step %d, batch %d", resume_path, trainer.epoch, trainer.step,
+                     trainer.batch_in_epoch)
+
+    def save(filename: str) -> None:
+        if ckpt_dir is None:
+            return
+        state = trainer.state_dict()  # every rank builds it (collectives under FSDP); rank 0 writes
+        if env.is_master:
+            atomic_save(state, os.path.join(ckpt_dir, filename))
+            write_latest(ckpt_dir, filename)
+            logging.info("saved %s", os.path.join(ckpt_dir, filename))
+        distributed.barrier()
+
+    from .evaluate import evaluate_in_training
+
+    eval_transform = EvalTransform(built.student_bundle.image_format)
+    while trainer.epoch < args.epochs:
+        if trainer.batch_in_epoch >= data.num_batches:
+            trainer.epoch, trainer.batch_in_epoch = trainer.epoch + 1, 0
+            continue
+        data.set_epoch(trainer.epoch, trainer.batch_in_epoch)
+        if not train_one_epoch(trainer, data, save, args.max_steps):
+            break  # --max-steps reached (a checkpoint was written)
+        completed = trainer.epoch + 1
+        trainer.epoch, trainer.batch_in_epoch = completed, 0
+        if completed % args.save_frequency == 0 or completed == args.epochs:
+            save(f"epoch_{completed}.pt")
+        results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
+                                       completed, env.device)
+        if results:
+            trainer.metrics.log(trainer.step, results, prefix="eval")
+    trainer.metrics.close()
+    distributed.cleanup()
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # DistillSpecError and other input errors raised by libraries below us
+        if type(exc).__name__ in ("DistillSpecError",):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
