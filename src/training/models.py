@@ -156,14 +156,26 @@ class Teacher(nn.Module):
     def embed_dims(self) -> list[int]:
         return [embed_dim(m) for m in self.members]
 
+    def set_intermediate_layers(self, layers: dict[str, list[int]], member: int = 0) -> None:
+        """Ask `member` for these layers' tokens ({"image": [...], "text": [...]}) on every forward (feat term)."""
+        self.intermediate_layers, self.intermediate_member = layers, member
+
     @torch.no_grad()
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        image_features, text_features, scales = [], [], []
-        for member in self.members:
-            image_features.append(member.encode_image(image, normalize=True))
-            text_features.append(member.encode_text(text, normalize=True))
-            scales.append(member.logit_scale.exp().float())
-        return {"image_features": image_features, "text_features": text_features, "logit_scales": scales}
+        from .distill.features import forward_features
+
+        layers = getattr(self, "intermediate_layers", None) or {}
+        out: dict = {"image_features": [], "text_features": [], "logit_scales": []}
+        for i, member in enumerate(self.members):
+            wanted = layers if i == getattr(self, "intermediate_member", 0) else {}
+            f = forward_features(member, image, text, image_layers=wanted.get("image"),
+                                 text_layers=wanted.get("text"))
+            out["image_features"].append(torch.nn.functional.normalize(f["image_features"], dim=-1))
+            out["text_features"].append(torch.nn.functional.normalize(f["text_features"], dim=-1))
+            out["logit_scales"].append(f["logit_scale"].float())
+            if wanted:
+                out["intermediates"] = {"image": f["image_intermediates"], "text": f["text_intermediates"]}
+        return out
 
 
 def embed_dim(model: nn.Module) -> int:
