@@ -167,3 +167,30 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(world, tmp_path):
         state = torch.load(out, weights_only=True) if out.endswith(".pt") else None
         if state is not None:
             assert not any("proj_" in k or "loss" in k for k in state)
+
+
+def test_webdataset_resume_mid_epoch_is_exact(world, tmp_path):
+    """Shards from the CSV, 2 loader workers: stop mid-epoch, resume from the saved stream positions."""
+    from training.data.convert import main as convert_main
+
+    shards = str(tmp_path / "shards")
+    assert convert_main([world["csv"], "--out", shards, "--samples-per-shard", "4", "--data-root",
+                         world["data_root"], "--no-progress"]) == 0
+    pattern = f"{shards}/{{00000..00005}}.tar"
+    assert len(os.listdir(shards)) >= 6
+
+    def argv(name, *extra):
+        args = _argv(world, name, "--dataset-type", "webdataset", "--train-num-samples", "24", "--workers", "2",
+                     *extra)
+        args[args.index("--train-data") + 1] = pattern
+        return args
+
+    assert main(argv("wds-straight")) == 0
+    assert main(argv("wds-resumed", "--max-steps", "5")) == 0  # mid-epoch 2
+    latest = (world["root"] / "logs" / "wds-resumed" / "checkpoints" / "latest.txt").read_text().strip()
+    assert latest == "step_5.pt" and _ckpt(world, "wds-resumed", latest)["data_state"] is not None
+    assert main(argv("wds-resumed", "--resume", "latest")) == 0
+    a, b = _ckpt(world, "wds-straight", "epoch_2.pt"), _ckpt(world, "wds-resumed", "epoch_2.pt")
+    assert a["step"] == b["step"]
+    _assert_same_state(a["model"], b["model"])
+    _assert_same_state(a["loss"], b["loss"])

@@ -155,14 +155,20 @@ def reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (collective: every rank must call it)."""
+    world_size = world_info()[1]
+    if world_size == 1:
+        return [obj]
+    gathered: list = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def sum_counters(counts: dict[str, int]) -> dict[str, int]:
     """Sum string-keyed counters over ranks (collective: every rank must call it)."""
-    if world_info()[1] == 1:
-        return dict(counts)
-    gathered: list = [None] * world_info()[1]
-    dist.all_gather_object(gathered, dict(counts))
     total: dict[str, int] = {}
-    for part in gathered:
+    for part in gather_objects(dict(counts)):
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return total

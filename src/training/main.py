@@ -11,14 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
-from . import distributed
+from . import distributed, parallel
+from .accumulation import group_micro_batches
 from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, set_rng_state, write_latest
 from .data import DataInfo, DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
 from .logger import MetricLogger, setup_logging
-from .models import ModelBundle, StudentModel, create_student, create_teacher, embed_dim
+from .distill.features import check_masking_supported
+from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
 from .params import UsageError, parse_args
 from .scheduler import LRSchedule
 from .train import NonFiniteLossError, Trainer, train_one_epoch
@@ -95,7 +96,9 @@ def build(args, env: distributed.DistEnv) -> Run:
         teacher, teacher_bundle = create_teacher(args, env.device)
     student = student_bundle.model
     teacher_dims = teacher.embed_dims if teacher is not None else []
-    loss_fn = distill_loss_from_args(args, embed_dim(student), teacher_dims).to(env.device)
+    members = list(teacher.members) if isinstance(teacher, Teacher) else None  # feat needs the live towers
+    loss_fn = distill_loss_from_args(args, embed_dim(student), teacher_dims, student_model=student,
+                                     teacher_model=members).to(env.device)
     if loss_fn.needs_teacher and teacher is None:
         raise UsageError("the --distill spec has teacher terms but no --teacher was given")
     loss_fn.sync_()
@@ -103,32 +106,47 @@ def build(args, env: distributed.DistEnv) -> Run:
 
     wrapped = StudentModel(student).to(env.device)
     wrapped.mask_ratio = float(getattr(loss_fn, "mask_ratio", 0.0) or 0.0)
-    if env.distributed:
-        wrapped = DistributedDataParallel(wrapped, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if wrapped.mask_ratio > 0:
+        check_masking_supported(student.visual)  # mfd: ViT students only, clear error otherwise
+    if loss_fn.needs_intermediates:  # feat: both models return the chosen layers' tokens from their one forward
+        student_layers = loss_fn.feat_layers_for("student")
+        wrapped.image_layers, wrapped.text_layers = student_layers.get("image"), student_layers.get("text")
+        teacher.set_intermediate_layers(loss_fn.feat_layers_for("teacher"), member=args.kd_teacher_member or 0)
+    scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and env.device.type == "cuda" else None
+    # DDP, FSDP2, DeepSpeed or Horovod (training/parallel.py); the optimizer is built after wrapping
+    engine = parallel.wrap(args, env, wrapped, loss_fn, teacher,
+                           make_groups=lambda: param_groups(student, loss_fn, args.wd),
+                           make_optimizer=lambda groups: torch.optim.AdamW(groups, lr=args.lr, eps=args.eps,
+                                                                           betas=(args.beta1, args.beta2)),
+                           scaler=scaler)
+    logging.info("student engine: %s", engine.describe())
 
     transforms = build_transforms(args, student_bundle, teacher_bundle, cache)
     data = get_data(args, transforms, epoch=0, image_size=student_bundle.image_format.size)["train"]
+    data = group_micro_batches(data, args.accum_freq)  # --accum-freq K: K micro-batches per optimizer step
     args._num_batches = data.num_batches
     total_steps = data.num_batches * args.epochs
 
-    optimizer = torch.optim.AdamW(param_groups(student, loss_fn, args.wd), lr=args.lr,
-                                  betas=(args.beta1, args.beta2), eps=args.eps)
-    scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and env.device.type == "cuda" else None
+    optimizer = engine.optimizer
     metrics = MetricLogger(os.path.join(log_dir, "tensorboard") if log_dir and "tensorboard" in args.report_to
                            else None, enabled=env.is_master)
     schedule = LRSchedule(optimizer, args.lr, args.warmup, total_steps, args.lr_scheduler)
-    trainer = Trainer(args=args, env=env, model=wrapped, student=student, teacher=teacher, loss_fn=loss_fn,
-                      optimizer=optimizer, scaler=scaler, schedule=schedule, metrics=metrics)
+    trainer = Trainer(args=args, env=env, model=engine.model, student=student, teacher=teacher, loss_fn=loss_fn,
+                      optimizer=optimizer, scaler=scaler, schedule=schedule, metrics=metrics, engine=engine)
     return Run(trainer, data, student_bundle, log_dir, os.path.join(log_dir, "checkpoints") if log_dir else None)
 
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    parallel.launch(args)  # --horovod: hvd.init() tells each process its rank
     env = distributed.init_distributed(args.device, args.dist_backend, args.dist_url)
     args.name = run_name(args)
     log_dir = os.path.join(args.logs, args.name) if args.logs else None
     setup_logging(os.path.join(log_dir, "out.log") if log_dir else None, env.is_master)
     logging.info("rank %d/%d on %s", env.rank, env.world_size, env.device)
+    from .evaluate import evaluate_in_training, validate_eval_args
+
+    validate_eval_args(args)  # a bad eval path fails now, not after the first epoch
     built = build(args, env)
     trainer, data, ckpt_dir = built.trainer, built.data, built.ckpt_dir
 
@@ -141,6 +159,8 @@ def run(argv=None) -> int:
         state = load_checkpoint(resume_path)
         trainer.load_state_dict(state)
         set_rng_state(state["rng"])
+        if state.get("data_state") is not None and "load_state_fn" in data.extra:
+            data.extra["load_state_fn"](state["data_state"])  # WebDataset: per-worker stream positions
         logging.info("resumed from %s at epoch %d, step %d, batch %d", resume_path, trainer.epoch, trainer.step,
                      trainer.batch_in_epoch)
 
@@ -148,13 +168,13 @@ def run(argv=None) -> int:
         if ckpt_dir is None:
             return
         state = trainer.state_dict()  # every rank builds it (collectives under FSDP); rank 0 writes
+        if "state_fn" in data.extra:  # WebDataset stream positions differ per rank: keep all of them
+            state["data_state"] = distributed.gather_objects(data.extra["state_fn"]())
         if env.is_master:
             atomic_save(state, os.path.join(ckpt_dir, filename))
             write_latest(ckpt_dir, filename)
             logging.info("saved %s", os.path.join(ckpt_dir, filename))
         distributed.barrier()
-
-    from .evaluate import evaluate_in_training
 
     eval_transform = EvalTransform(built.student_bundle.image_format)
     while trainer.epoch < args.epochs:
@@ -168,8 +188,9 @@ def run(argv=None) -> int:
         trainer.epoch, trainer.batch_in_epoch = completed, 0
         if completed % args.save_frequency == 0 or completed == args.epochs:
             save(f"epoch_{completed}.pt")
-        results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
-                                       completed, env.device)
+        with trainer.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
+            results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
+                                           completed, env.device)
         if results:
             trainer.metrics.log(trainer.step, results, prefix="eval")
     trainer.metrics.close()

@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps in total (the schedule still spans --epochs)")
     # scale-out (issue 7) -----------------------------------------------------------------------------------
+    g.add_argument("--accum-freq", type=int, default=1,
+                   help="optimizer step every K micro-batches of --batch-size; the losses (contrastive and KD) are those "
+                        "of the whole K x batch (GradCache): same result as a K times larger batch")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the student with FSDP2 (fully_shard per block; mixed precision from --precision)")
+    g.add_argument("--fsdp-shard-teacher", action="store_true", help="with --fsdp: shard the frozen teacher too")
+    g.add_argument("--deepspeed", default=None, metavar="CONFIG.json",
+                   help="DeepSpeed ZeRO config (stage 0-3); batch sizes, accumulation, clipping and bf16 come from "
+                        "the flags (docs/scale_out.md)")
+    g.add_argument("--horovod", action="store_true", help="average student gradients with Horovod (open_clip's flag)")
 
     # ---- distributed --------------------------------------------------------------------------------------
     g = p.add_argument_group("distributed")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import distributed
+from . import accumulation, distributed
 from .checkpoint import rng_state
 
 
@@ -41,7 +40,7 @@ class Trainer:
 
     args: Any
     env: distributed.DistEnv
-    model: torch.nn.Module  # StudentModel, possibly wrapped by DDP
+    model: torch.nn.Module  # StudentModel, wrapped by the engine (DDP, FSDP2, DeepSpeed) when distributed
     student: torch.nn.Module  # the bare open_clip student (what gets exported)
     teacher: torch.nn.Module | None
     loss_fn: torch.nn.Module
@@ -55,12 +54,21 @@ class Trainer:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     skipped: Counter = field(default_factory=Counter)
+    engine: Any = None  # parallel.Engine: how the student is wrapped and stepped (plain/DDP when not given)
+
+    def __post_init__(self):
+        if self.engine is None:
+            from .parallel import Engine
+
+            self.engine = Engine.around(self.args, self.env, self.model, self.student, self.loss_fn, self.optimizer,
+                                        self.scaler)
 
     def state_dict(self) -> dict:
+        """Collective under FSDP2/DeepSpeed (full tensors gathered to rank 0); every rank calls it, rank 0 saves."""
         return {
-            "model": self.student.state_dict(),
+            "model": self.engine.model_state_dict(),
             "loss": self.loss_fn.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.engine.optimizer_state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,
             "step": self.step,
@@ -73,9 +81,9 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["model"])
+        self.engine.load_model_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_optimizer_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
@@ -100,57 +108,109 @@ def _all_ranks_finite(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
+def model_inputs(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    device = trainer.env.device
+    image = batch["image"].to(device, dtype=input_dtype(trainer.args.precision), non_blocking=True)
+    return image, batch["text"].to(device, non_blocking=True)
+
+
+def distill_losses(trainer: Trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
+    return trainer.loss_fn(
+        student_image=student["image_features"], student_text=student["text_features"],
+        student_scale=student["logit_scale"],
+        teacher_image=teacher["image_features"] if teacher else None,
+        teacher_text=teacher["text_features"] if teacher else None,
+        teacher_scale=teacher["logit_scales"] if teacher else None,
+        step=trainer.step,
+        student_intermediates={"image": student["image_intermediates"], "text": student["text_intermediates"]},
+        teacher_intermediates=teacher.get("intermediates") if teacher else None,
+    )
+
+
+def _skip_nonfinite(trainer: Trainer, total: torch.Tensor) -> bool:
+    """True (and counted) when the loss is non-finite on any rank: the step is skipped on every rank."""
+    if _all_ranks_finite(total):
+        trainer.nonfinite_in_a_row = 0
+        return False
+    trainer.nonfinite_in_a_row += 1
+    trainer.nonfinite_total += 1
+    logging.warning("non-finite loss at step %d: step skipped (%d in a row)", trainer.step,
+                    trainer.nonfinite_in_a_row)
+    if trainer.nonfinite_in_a_row >= trainer.args.max_nonfinite_steps:
+        raise NonFiniteLossError(f"{trainer.nonfinite_in_a_row} consecutive non-finite losses at step "
+                                 f"{trainer.step}: lower --lr, use --precision fp32/amp_bf16 or --grad-clip-norm")
+    return True
+
+
 def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor] | None:
     """One optimizer step. Returns the loss terms, or None when the step was skipped for a non-finite loss."""
-    args, device = trainer.args, trainer.env.device
-    autocast = autocast_for(args.precision, device)
-    image = batch["image"].to(device, dtype=input_dtype(args.precision), non_blocking=True)
-    text = batch["text"].to(device, non_blocking=True)
+    autocast = autocast_for(trainer.args.precision, trainer.env.device)
+    image, text = model_inputs(trainer, batch)
 
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.engine.zero_grad()
     with autocast():
         teacher = teacher_outputs(trainer, batch, image, text) if trainer.loss_fn.needs_teacher else None
         student = trainer.model(image, text)
-        losses = trainer.loss_fn(
-            student_image=student["image_features"], student_text=student["text_features"],
-            student_scale=student["logit_scale"],
-            teacher_image=teacher["image_features"] if teacher else None,
-            teacher_text=teacher["text_features"] if teacher else None,
-            teacher_scale=teacher["logit_scales"] if teacher else None,
-            step=trainer.step,
-            student_intermediates={"image": student["image_intermediates"], "text": student["text_intermediates"]},
-            teacher_intermediates=teacher.get("intermediates") if teacher else None,
-        )
-    total = losses["total"]
-    if not _all_ranks_finite(total):
-        trainer.nonfinite_in_a_row += 1
-        trainer.nonfinite_total += 1
-        logging.warning("non-finite loss at step %d: step skipped (%d in a row)", trainer.step,
-                        trainer.nonfinite_in_a_row)
-        if trainer.nonfinite_in_a_row >= args.max_nonfinite_steps:
-            raise NonFiniteLossError(f"{trainer.nonfinite_in_a_row} consecutive non-finite losses at step "
-                                     f"{trainer.step}: lower --lr, use --precision fp32/amp_bf16 or --grad-clip-norm")
+        losses = distill_losses(trainer, student, teacher)
+    if _skip_nonfinite(trainer, losses["total"]):
         return None
-    trainer.nonfinite_in_a_row = 0
-
-    if trainer.scaler is not None:
-        trainer.scaler.scale(total).backward()
-        trainer.scaler.unscale_(trainer.optimizer)
-    else:
-        total.backward()
-    # Loss-side parameters sit outside DDP: average their gradients like DDP does for the student.
-    distributed.all_reduce_mean_([p.grad for p in trainer.loss_fn.parameters() if p.requires_grad])
-    if args.grad_clip_norm is not None:
-        params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
-    if trainer.scaler is not None:
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-    else:
-        trainer.optimizer.step()
-    with torch.no_grad():  # open_clip's clamp: the student's temperature never exceeds 100
-        trainer.student.logit_scale.clamp_(0, math.log(100))
+    trainer.engine.backward(losses["total"])
+    update(trainer)
     return losses
+
+
+def accumulated_step(trainer: Trainer, micro_batches: list[dict]) -> dict[str, torch.Tensor] | None:
+    """One optimizer step over K micro-batches whose losses are those of the whole K·B batch (--accum-freq K).
+
+    GradCache (training/accumulation.py): 1) forward every micro-batch without a graph, caching the student and
+    teacher outputs and the RNG state before each student forward; 2) evaluate the losses once on the concatenation
+    and backprop them to the cached student outputs (and the loss-side heads); 3) re-run each micro-batch's student
+    forward with a graph, from the same RNG state (same patch masks), and backprop the cached output gradients.
+    """
+    engine, device = trainer.engine, trainer.env.device
+    autocast = autocast_for(trainer.args.precision, device)
+    inputs = [model_inputs(trainer, batch) for batch in micro_batches]
+    sizes = [image.shape[0] for image, _ in inputs]
+
+    engine.zero_grad()
+    rng, students, teachers = [], [], []
+    with torch.no_grad(), autocast():
+        for batch, (image, text) in zip(micro_batches, inputs):
+            teachers.append(teacher_outputs(trainer, batch, image, text) if trainer.loss_fn.needs_teacher else None)
+            rng.append(accumulation.rng_state(device))
+            students.append(trainer.model(image, text))
+    rng_after = accumulation.rng_state(device)
+    student, leaves = accumulation.as_leaves(accumulation.concat(students))
+    teacher = accumulation.concat(teachers)
+    del students, teachers
+    with autocast():
+        losses = distill_losses(trainer, student, teacher)
+    if _skip_nonfinite(trainer, losses["total"]):
+        return None
+    engine.scale_loss(losses["total"]).backward()  # gradients of the cached outputs and of the loss-side heads
+
+    for i, (image, text) in enumerate(inputs):
+        last = i == len(inputs) - 1
+        with engine.micro_batch(last=last):
+            accumulation.set_rng_state(rng[i], device)
+            with autocast():
+                outputs = trainer.model(image, text)
+            engine.backward(accumulation.surrogate(outputs, leaves, i, sizes, last), prescaled=True)
+    accumulation.set_rng_state(rng_after, device)
+    update(trainer)
+    return losses
+
+
+def update(trainer: Trainer) -> None:
+    """After the backward: average what the engine does not, clip, step, clamp the student's temperature."""
+    engine = trainer.engine
+    # Loss-side heads (and FSDP's replicated scalar logit scale) sit outside the engine's gradient sync: average
+    # their gradients across ranks like DDP does for the student.
+    distributed.all_reduce_mean_([p.grad for p in engine.unsynced_params()])
+    if trainer.args.grad_clip_norm is not None:
+        engine.clip_grad_norm_(trainer.args.grad_clip_norm)
+    engine.step()
+    engine.clamp_logit_scale_()  # open_clip's clamp: the student's temperature never exceeds 100
 
 
 def train_one_epoch(trainer: Trainer, data, save_fn, total_steps_cap: int | None) -> bool:
@@ -160,11 +220,13 @@ def train_one_epoch(trainer: Trainer, data, save_fn, total_steps_cap: int | None
     num_batches = data.num_batches
     end = time.perf_counter()
     window = Counter()
-    for batch in data.dataloader:
+    for batch in data.dataloader:  # a batch, or with --accum-freq K a list of K micro-batches
         data_time = time.perf_counter() - end
+        micro = batch if isinstance(batch, list) else [batch]
         trainer.schedule(trainer.step)
-        trainer.skipped.update(batch.get("skipped", {}))
-        losses = train_step(trainer, batch)
+        for b in micro:
+            trainer.skipped.update(b.get("skipped", {}))
+        losses = accumulated_step(trainer, micro) if len(micro) > 1 else train_step(trainer, micro[0])
         trainer.batch_in_epoch += 1
         if losses is not None:
             trainer.step += 1
@@ -176,7 +238,7 @@ def train_one_epoch(trainer: Trainer, data, save_fn, total_steps_cap: int | None
 
         last = trainer.batch_in_epoch == num_batches
         if losses is not None and (trainer.step % args.log_every_n_steps == 0 or last):
-            log_step(trainer, losses, window, len(batch["key"]))
+            log_step(trainer, losses, window, sum(len(b["key"]) for b in micro))
             window = Counter()
         if args.save_every_n_steps and trainer.step % args.save_every_n_steps == 0 and not last:
             save_fn(f"step_{trainer.step}.pt")

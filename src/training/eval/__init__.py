@@ -1,0 +1,12 @@
+"""Evaluation suite of clip-kd, one concern per module.
+
+- `datasets`: benchmark formats read from disk (ImageNet family, CIFAR, STL-10, Pets, image folders, CLIP_benchmark
+  WebDataset, Karpathy retrieval JSON, CSV)
+- `templates`: class names and prompt templates; `imagenet_wnids.txt` the sorted 1000 ImageNet wnids
+- `engine`: data-parallel embedding (shard, encode, gather back in dataset order)
+- `zeroshot`, `retrieval`, `linear_probe`: the three tasks
+- `results`: CLIP_benchmark JSON files; `report`: teacher-vs-student retention table and chart
+- `loading`: models from open_clip names / JSON configs and checkpoints (weights_only)
+
+The command line and the in-training entry point live in `training.evaluate`.
+"""

@@ -1,0 +1,86 @@
+"""Worker for the engine tests (tests/test_parallel.py): runs a list of training jobs inside one process group.
+
+A job builds the trainer from CLI flags (training.main.build), optionally resumes a checkpoint, then runs the real
+epoch loop (training.train.train_one_epoch) to a mid step and on to a final step, and rank 0 records: the first
+step's full student and loss-side gradients (taken between backward and optimizer step, whatever the engine), every
+logged loss, the state right after resuming, and the mid and final checkpoints (Trainer.state_dict: the canonical
+format). Running many jobs in one spawn keeps the test time down (imports and process-group set-up happen once).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+
+def run_jobs(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    from training import distributed
+
+    env = distributed.init_distributed("cpu")
+    try:
+        for job in jobs:
+            run_job(env, job, out_dir)
+    finally:
+        distributed.cleanup()
+
+
+def run_job(env, job: dict, out_dir: str) -> None:
+    from training import distributed
+    from training.checkpoint import load_checkpoint, set_rng_state
+    from training.main import build
+    from training.params import parse_args
+    from training.train import train_one_epoch
+
+    args = parse_args(job["argv"])
+    run = build(args, env)
+    trainer, data = run.trainer, run.data
+    record: dict = {"losses": [], "grads": None}
+
+    def save(filename: str) -> None:
+        state = trainer.state_dict()  # collective
+        if env.is_master:  # a deep copy: the DDP state_dict holds references to live tensors
+            record[filename] = copy.deepcopy(state)
+
+    if job.get("resume"):
+        state = load_checkpoint(job["resume"])
+        trainer.load_state_dict(state)
+        set_rng_state(state["rng"])
+        save("reloaded")
+
+    engine = trainer.engine
+    real_step = engine.step
+
+    def step() -> None:  # the first step's gradients, between backward and update
+        if record["grads"] is None:
+            grads = engine.full_grads()
+            grads.update({f"loss.{n}": p.grad.detach().clone() for n, p in trainer.loss_fn.named_parameters()
+                          if p.grad is not None})
+            record["grads"] = grads
+        real_step()
+
+    engine.step = step
+    real_log = trainer.metrics.log
+
+    def log(step, metrics, prefix="train"):
+        if prefix == "train":
+            record["losses"].append({k: v for k, v in metrics.items() if k in ("total", "task", "crd", "icl", "fd")})
+        return real_log(step, metrics, prefix)
+
+    trainer.metrics.log = log
+    for cap, filename in ((job["mid"], "mid"), (job["steps"], "final")):
+        if trainer.step >= cap:
+            continue
+        data.set_epoch(trainer.epoch, trainer.batch_in_epoch)
+        train_one_epoch(trainer, data, lambda _: None, cap)
+        save(filename)
+    if env.is_master:
+        torch.save(record, os.path.join(out_dir, f"{job['name']}.pt"))
+        for key in ("mid", "final"):
+            if key in record:
+                torch.save(record[key], os.path.join(out_dir, f"{job['name']}.{key}.ckpt"))
+    distributed.barrier()
