@@ -438,16 +438,6 @@ def test_missing_keys_are_an_error(world, tmp_path):
     assert code == 2 and "'train/4' is not in the teacher cache" in line and "--cache-missing skip" in line
 
 
-def _loader_supports_skip() -> bool:
-    import inspect
-
-    from training.data import csv as csv_loader
-
-    return "skip_reason" in inspect.getsource(csv_loader)
-
-
-@pytest.mark.skipif(not _loader_supports_skip(), reason="the CSV loader does not yet substitute samples whose "
-                    "make_sample raises an exception with `skip_reason` (docs/teacher_cache.md, loader contract)")
 def test_cache_missing_skip_substitutes_and_counts(world, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(world["data_root"], data)

@@ -358,7 +358,7 @@ def build_cache(args, env: distributed.DistEnv) -> dict | None:
     mine = [t for t in tasks if t.index % world == rank]
     todo = [t for t in mine if _done(out, t) is None]
     log.info("rank %d: %d of its %d cache shards to build (%d already done)", rank, len(todo), len(mine),
-                 len(mine) - len(todo))
+             len(mine) - len(todo))
     total = (sum(t.end - t.start for t in todo) if kind == "csv" else None)
     bar = tqdm(total=total, unit="sample", desc=f"caching {','.join(args.teacher_list)}", disable=not env.is_master,
                dynamic_ncols=True)

@@ -17,8 +17,8 @@ from .accumulation import group_micro_batches
 from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, set_rng_state, write_latest
 from .data import DataInfo, DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
-from .logger import MetricLogger, setup_logging
 from .distill.features import check_masking_supported
+from .logger import MetricLogger, setup_logging
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
 from .params import UsageError, parse_args
 from .scheduler import LRSchedule
@@ -186,13 +186,16 @@ def run(argv=None) -> int:
             break  # --max-steps reached (a checkpoint was written)
         completed = trainer.epoch + 1
         trainer.epoch, trainer.batch_in_epoch = completed, 0
-        if completed % args.save_frequency == 0 or completed == args.epochs:
+        stop = args.max_steps is not None and trainer.step >= args.max_steps
+        if completed % args.save_frequency == 0 or completed == args.epochs or stop:
             save(f"epoch_{completed}.pt")
         with trainer.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
             results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
                                            completed, env.device)
         if results:
             trainer.metrics.log(trainer.step, results, prefix="eval")
+        if stop:
+            break
     trainer.metrics.close()
     distributed.cleanup()
     return 0

@@ -581,7 +581,10 @@ def _verify_shards_distributed(cache_dir: str, manifest: dict, mode: str) -> Non
     with ThreadPoolExecutor(4) as pool:
         problems = [p for found in pool.map(lambda r: check_shard(cache_dir, manifest, r, checksum, content=False),
                                             mine) for p in found]
-    failed = distributed.reduce_sum(torch.tensor([float(bool(problems))]))
+    flag = torch.tensor([float(bool(problems))])
+    if world > 1 and torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+        flag = flag.cuda()
+    failed = distributed.reduce_sum(flag)
     if problems:
         raise TeacherCacheError(f"teacher cache {problems[0]}; check it with python -m training.cache_teacher "
                                 f"--verify {cache_dir}")

@@ -242,11 +242,10 @@ def train_one_epoch(trainer: Trainer, data, save_fn, total_steps_cap: int | None
             window = Counter()
         if args.save_every_n_steps and trainer.step % args.save_every_n_steps == 0 and not last:
             save_fn(f"step_{trainer.step}.pt")
-        if total_steps_cap is not None and trainer.step >= total_steps_cap:
-            if not last:
-                save_fn(f"step_{trainer.step}.pt")
+        if total_steps_cap is not None and trainer.step >= total_steps_cap and not last:
+            save_fn(f"step_{trainer.step}.pt")
             return False
-    return True
+    return True  # at an epoch end the caller saves epoch_N.pt, also when --max-steps lands exactly there
 
 
 def log_step(trainer: Trainer, losses: dict, window: Counter, batch_size: int) -> None:

@@ -90,7 +90,13 @@ class CsvDataset(Dataset):
                 skipped["corrupt_image"] += 1
                 continue
             rng = sample_rng(self.seed, epoch, self.keys[j])
-            sample = make_sample(image, self.captions[j], self.keys[j], self.transforms, self.is_train, rng)
+            try:
+                sample = make_sample(image, self.captions[j], self.keys[j], self.transforms, self.is_train, rng)
+            except Exception as exc:  # a sample the teacher cache lacks (--cache-missing skip) is skipped, counted
+                if getattr(exc, "skip_reason", None) is None:
+                    raise
+                skipped[exc.skip_reason] += 1
+                continue
             sample["skipped"] = dict(skipped)
             return sample
         raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive unreadable images from row {idx} ({self.images[idx]}); "

@@ -526,8 +526,10 @@ class WdsDataset(IterableDataset):
             key = make_key(raw_key, url, source, self.key_format)
             rng = sample_rng(self.seed, self.epoch, key) if self.is_train else None
             return make_sample(image, caption, key, self.transforms, self.is_train, rng)
+        except UsageError:  # e.g. a key missing from the teacher cache in error mode: never train on wrong targets
+            raise
         except Exception as e:  # noqa: BLE001 - any decode/preprocessing failure is a skipped sample
-            reader.skip("corrupt_image", url, f"{raw_key}: {e!r}")
+            reader.skip(getattr(e, "skip_reason", None) or "corrupt_image", url, f"{raw_key}: {e!r}")
             return None
 
     # -- iteration --
