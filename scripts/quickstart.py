@@ -65,8 +65,8 @@ class Budget:
 
     seed: int = 0
     num_train: int = 4000
-    teacher_epochs: int = 12
-    student_epochs: int = 8
+    teacher_epochs: int = 8
+    student_epochs: int = 6
 
 
 def prepare_teacher(out: str, threads: int, budget: Budget | None = None):

@@ -36,6 +36,10 @@ def run_job(env, job: dict, out_dir: str) -> None:
     from training.params import parse_args
     from training.train import train_one_epoch
 
+    if job.get("sys_path"):  # e.g. the Horovod stand-in (tests/fake_horovod)
+        import sys
+
+        sys.path.insert(0, job["sys_path"])
     args = parse_args(job["argv"])
     run = build(args, env)
     trainer, data = run.trainer, run.data
@@ -78,6 +82,14 @@ def run_job(env, job: dict, out_dir: str) -> None:
         data.set_epoch(trainer.epoch, trainer.batch_in_epoch)
         train_one_epoch(trainer, data, lambda _: None, cap)
         save(filename)
+    # the bare student called directly (as evaluation does), inside the engine's unsharded() context
+    student = trainer.student
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 64, 64, generator=gen)
+    text = torch.randint(1, 1000, (2, student.context_length), generator=gen)
+    student.eval()
+    with trainer.engine.unsharded(), torch.no_grad():
+        record["embeddings"] = (student.encode_image(image).clone(), student.encode_text(text).clone())
     if env.is_master:
         torch.save(record, os.path.join(out_dir, f"{job['name']}.pt"))
         for key in ("mid", "final"):

@@ -62,12 +62,8 @@ def check_args(args) -> None:
         raise UsageError("--fsdp-shard-teacher needs --fsdp")
     if getattr(args, "accum_freq", 1) < 1:
         raise UsageError(f"--accum-freq must be >= 1, got {args.accum_freq}")
-    if name == "deepspeed":
-        if not os.path.isfile(args.deepspeed):
-            raise UsageError(f"--deepspeed config not found: {args.deepspeed}")
-        if args.precision in ("amp", "fp16"):
-            raise UsageError("--deepspeed runs with --precision fp32, amp_bf16 or bf16 (fp16 loss scaling of the "
-                             "loss-side heads is not wired through DeepSpeed's scaler)")
+    if name == "deepspeed" and not os.path.isfile(args.deepspeed):
+        raise UsageError(f"--deepspeed config not found: {args.deepspeed}")
 
 
 def launch(args) -> None:
@@ -96,27 +92,22 @@ def _import_horovod():
 # ---- shared helpers ---------------------------------------------------------------------------------------------
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of open_clip and timm towers: the units FSDP shards and --torchcompile compiles."""
+    """The repeated blocks of open_clip and timm towers (transformer blocks, timm stages/blocks, ResNet bottlenecks):
+    the units FSDP2 shards (gathered one at a time) and --torchcompile compiles."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.timm_model import TimmModel
     from open_clip.transformer import ResidualAttentionBlock
 
     found: list[nn.Module] = []
-    seen: set[int] = set()
-
-    def add(m: nn.Module) -> None:
-        if id(m) not in seen and any(True for _ in m.parameters()):
-            seen.add(id(m))
-            found.append(m)
-
     for m in model.modules():
         if isinstance(m, ResidualAttentionBlock):
-            add(m)
-        trunk = getattr(m, "trunk", None)  # open_clip's TimmModel
-        if trunk is not None and type(m).__name__ == "TimmModel":
+            found.append(m)
+        elif isinstance(m, (TimmModel, ModifiedResNet)):
+            trunk = m.trunk if isinstance(m, TimmModel) else m
             for attr in ("blocks", "stages", "layers", "layer1", "layer2", "layer3", "layer4"):
                 container = getattr(trunk, attr, None)
                 if isinstance(container, (nn.Sequential, nn.ModuleList)):
-                    for child in container:
-                        add(child)
+                    found.extend(child for child in container if any(True for _ in child.parameters()))
     return found
 
 
@@ -219,7 +210,9 @@ class Engine:
             from torch.nn.parallel import DistributedDataParallel
 
             dev = self.env.device
-            return DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+            # gradients as views of DDP's all-reduce buckets: one copy of the gradients instead of two
+            return DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None,
+                                           gradient_as_bucket_view=True)
         return model
 
     def _make_optimizer(self, make_optimizer):
@@ -305,9 +298,16 @@ class FSDPEngine(Engine):
     name = "fsdp"
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        import inspect
 
+        from torch.distributed.device_mesh import init_device_mesh
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError as exc:
+            raise UsageError(f"--fsdp needs FSDP2 (torch >= 2.7), this is torch {torch.__version__}") from exc
+        if "ignored_params" not in inspect.signature(fully_shard).parameters:
+            raise UsageError(f"--fsdp needs torch >= 2.7 (fully_shard(ignored_params=...)), this is {torch.__version__}")
         _ensure_process_group(self.env)
         self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         policy = fsdp_mixed_precision(self.args.precision, self.env.device)
@@ -488,7 +488,10 @@ class DeepSpeedEngine(_SideOptimizerEngine):
         return model  # deepspeed.initialize needs the optimizer: see _make_optimizer
 
     def _student_optimizer(self, optimizer):
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError as exc:
+            raise UsageError(f"--deepspeed needs DeepSpeed (pip install deepspeed; docs/scale_out.md): {exc}") from exc
 
         self.config = deepspeed_config(self.args, self.env.world_size)
         with _broadcast_scalars_ourselves():
@@ -529,17 +532,44 @@ class DeepSpeedEngine(_SideOptimizerEngine):
             self._set_param(p, value.clamp(0, LOGIT_SCALE_MAX))
 
     def _set_param(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param
+        """Every rank holds `value` (the full parameter): set the fp32 master and the working copy."""
+        self._set_full(p, value)
+        if self.stage == 3:
+            self._refresh_partitions()
+        if p.data.numel() == value.numel():  # ZeRO 0-2, or a ZeRO-3 parameter currently gathered
+            with torch.no_grad():
+                p.data.copy_(value.reshape(p.data.shape).to(p.dtype))
 
-        safe_set_full_fp32_param(p, value.to(torch.float32).to(self.env.device))
-        with self._gathered([p], modifier_rank=0), torch.no_grad():
-            p.data.copy_(value.to(p.dtype))
+    def _set_full(self, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """This rank's piece of the fp32 master weight (key None) or optimizer state `key` of `p` from its full value.
 
-    def _gathered(self, params, modifier_rank=None):
+        ZeRO-3 is done here: DeepSpeed's set_full_hp_param cuts the last partition past the end of parameters whose
+        size is not a multiple of the world size (0.19: "start + length exceeds dimension size")."""
+        value = value.to(torch.float32).to(self.env.device)
+        if not hasattr(p, "ds_id"):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            return safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key)
+        opt = self.ds_optimizer
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=True, optim_state_key=key)
+        start = part.numel() * opt._get_param_partition_rank(p)
+        piece = value.flatten()[start:start + part.numel()]
+        with torch.no_grad():
+            part.zero_()
+            part[:piece.numel()].copy_(piece)
+
+    def _refresh_partitions(self) -> None:
+        """ZeRO-3: the working (bit16 or fp32) partitions from the fp32 master partitions, as after a step."""
+        opt = self.ds_optimizer
+        for i in range(len(opt.fp16_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+
+    def _gathered(self, params):
+        """ZeRO-3: the full weights inside the context (read only)."""
         if self.stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+            return deepspeed.zero.GatheredParameters(params)
         return contextlib.nullcontext()
 
     def full_grads(self) -> dict[str, torch.Tensor]:
@@ -565,12 +595,24 @@ class DeepSpeedEngine(_SideOptimizerEngine):
         return state
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        with self._gathered(list(self.student.parameters()), modifier_rank=0), torch.no_grad():
+        """Every rank loads the full state (as in the other engines) and keeps its partition of it."""
+        params = dict(self.student.named_parameters())
+        if self.stage == 3:  # parameters are partitioned: load the buffers here, the parameters below
+            expected = set(self.student.state_dict())
+            if set(state) != expected:
+                raise UsageError(f"checkpoint does not match the student: missing {sorted(expected - set(state))[:3]}, "
+                                 f"unexpected {sorted(set(state) - expected)[:3]}")
+            self.student.load_state_dict({k: v for k, v in state.items() if k not in params}, strict=False)
+        else:
             self.student.load_state_dict(state)
-        for name, p in self.student.named_parameters():
-            safe_set_full_fp32_param(p, state[name].to(torch.float32).to(self.env.device))
+        for name, p in params.items():
+            self._set_full(p, state[name])
+        if self.stage == 3:
+            self._refresh_partitions()
+            with torch.no_grad():
+                for name, p in params.items():
+                    if p.data.numel() == state[name].numel():  # persistent parameters already gathered
+                        p.data.copy_(state[name].reshape(p.data.shape).to(p.dtype))
 
     def _flat_partitions(self) -> list[torch.Tensor]:
         """The flat fp32 partitions the base optimizer steps (ZeRO 1/2, ZeRO 3, DeepSpeed's bf16 optimizer)."""
@@ -595,7 +637,7 @@ class DeepSpeedEngine(_SideOptimizerEngine):
         if not flats:
             return {}  # no step taken yet
         first = base_state[flats[0]]
-        keys = [k for k, v in first.items() if torch.is_tensor(v) and v.ndim > 0]
+        keys = [k for k, v in first.items() if torch.is_tensor(v) and k != "step"]
         self._link_optimizer_state()
         out = {}
         for p in self.student.parameters():
@@ -609,12 +651,10 @@ class DeepSpeedEngine(_SideOptimizerEngine):
     def _load_student_states(self, states: dict[int, dict]) -> None:
         if not self._zero():
             return super()._load_student_states(states)
-        from deepspeed.utils import safe_set_full_optimizer_state
-
         if not states:
             return
         sample = next(iter(states.values()))
-        keys = [k for k, v in sample.items() if torch.is_tensor(v) and v.ndim > 0]
+        keys = [k for k, v in sample.items() if torch.is_tensor(v) and k != "step"]
         base_state = self.base_optimizer.state
         for flat in self._flat_partitions():  # make sure the flat state exists, then overwrite it piece by piece
             entry = base_state.setdefault(flat, {})
@@ -626,7 +666,7 @@ class DeepSpeedEngine(_SideOptimizerEngine):
         for p in self.student.parameters():
             if id(p) in states:
                 for k in keys:
-                    safe_set_full_optimizer_state(p, states[id(p)][k].to(torch.float32).to(self.env.device), k)
+                    self._set_full(p, states[id(p)][k], k)
 
     def _link_optimizer_state(self) -> None:
         """(Re)link every parameter's view of the flat ZeRO-1/2 optimizer state. DeepSpeed links them once, right after
@@ -649,23 +689,34 @@ class DeepSpeedEngine(_SideOptimizerEngine):
 @contextlib.contextmanager
 def _broadcast_scalars_ourselves():
     """DeepSpeed (0.19) broadcasts the initial weights as uint8 views, which fails on 0-dim parameters (open_clip's
-    logit_scale: "self.dim() cannot be 0 to view Float as Byte"). Broadcast them with a plain broadcast instead."""
+    logit_scale: "self.dim() cannot be 0 to view Float as Byte"), in the engine and in ZeRO-3's parameter conversion.
+    Broadcast 0-dim parameters with a plain broadcast instead, for the time of deepspeed.initialize."""
+    import deepspeed.comm as ds_dist
     from deepspeed.runtime.engine import DeepSpeedEngine as _DS
+    from deepspeed.runtime.zero.partition_parameters import Init
 
-    original = _DS._broadcast_model
+    original_broadcast, original_init = _DS._broadcast_model, Init._zero_init_param
 
-    def broadcast(self):
-        if self.dist_backend is not None and not any(getattr(p, "ds_id", None) is not None
-                                                     for p in self.module.parameters()):
+    def broadcast_model(self):
+        if self.dist_backend is not None and not any(hasattr(p, "ds_id") for p in self.module.parameters()):
             distributed.broadcast_module_(self.module)
         else:
-            original(self)
+            original_broadcast(self)
 
-    _DS._broadcast_model = broadcast
+    def zero_init_param(self, param):
+        if param.dim() > 0:
+            return original_init(self, param)
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        src = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
+        ds_dist.broadcast(param.data, src, group)
+        param.partition()
+
+    _DS._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
     try:
         yield
     finally:
-        _DS._broadcast_model = original
+        _DS._broadcast_model, Init._zero_init_param = original_broadcast, original_init
 
 
 def deepspeed_config(args, world_size: int) -> dict:
@@ -677,9 +728,9 @@ def deepspeed_config(args, world_size: int) -> dict:
             raise UsageError(f"--deepspeed {args.deepspeed} is not valid JSON: {exc}") from exc
     accum = getattr(args, "accum_freq", 1)
     owned = {"train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": accum,
-             "train_batch_size": args.batch_size * accum * world_size}
-    if args.grad_clip_norm is not None:
-        owned["gradient_clipping"] = args.grad_clip_norm
+             "train_batch_size": args.batch_size * accum * world_size,
+             # DeepSpeed clips to 1.0 unless told otherwise: no clipping without --grad-clip-norm, as everywhere else
+             "gradient_clipping": args.grad_clip_norm if args.grad_clip_norm is not None else 0.0}
     for key, value in owned.items():
         if key in cfg and cfg[key] != "auto" and cfg[key] != value:
             raise UsageError(f"--deepspeed config sets {key}={cfg[key]} but the flags give {value}: remove it from "
@@ -744,8 +795,9 @@ def wrap(args, env: distributed.DistEnv, model: nn.Module, loss_fn: nn.Module, t
     """
     check_args(args)
     name = engine_name(args)
-    if scaler is not None and name in ("deepspeed", "horovod"):
-        raise UsageError(f"--{name} with fp16 loss scaling is not supported: use --precision amp_bf16 or bf16")
+    if scaler is not None and name in ("deepspeed", "horovod"):  # --precision amp on CUDA: fp16 with a GradScaler
+        raise UsageError(f"--{name} runs with --precision amp_bf16, bf16 or fp32: fp16 loss scaling is not wired "
+                         "through its optimizer (DeepSpeed's scaler would also scale the loss-side heads)")
     engine = ENGINES[name](args, env, model, loss_fn, make_groups, make_optimizer, scaler)
     if getattr(args, "fsdp_shard_teacher", False) and isinstance(teacher, nn.Module):
         engine.shard_teacher(teacher)

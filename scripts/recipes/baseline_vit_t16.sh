@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# CLIP-KD baseline: ViT-T/16 trained on CC3M+CC12M without a teacher (task loss only).
+# Published ImageNet zero-shot top-1 (CLIP-KD README): 30.55.
+# Usage: CC3M_CSV=... CC12M_CSV=... bash scripts/recipes/baseline_vit_t16.sh [more flags]
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+run_recipe baseline_vit_t16 \
+    --model ViT-T-16 \
+    --recipe none \
+    "$@"
