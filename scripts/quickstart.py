@@ -114,11 +114,11 @@ def main() -> None:
             "student, no KD (baseline)": evaluate("tiny-student", base_ckpt, world)}
     teacher = rows["teacher (tiny-teacher)"]
     zs, i2t, t2i = "zeroshot/top1", "retrieval/image_to_text_R@1", "retrieval/text_to_image_R@1"
-    print("\n| model | zero-shot top-1 | I→T R@1 | T→I R@1 | retention (zero-shot top-1) |")
+    print("\n| model | zero-shot top-1 | I→T R@1 | T→I R@1 | retention: zero-shot / I→T / T→I |")
     print("|---|---:|---:|---:|---:|")
     for name, m in rows.items():
-        retention = 100 * m[zs] / teacher[zs] if teacher[zs] else float("nan")
-        print(f"| {name} | {100 * m[zs]:.1f} | {100 * m[i2t]:.1f} | {100 * m[t2i]:.1f} | {retention:.0f}% |")
+        retention = " / ".join(f"{100 * m[k] / teacher[k]:.0f}%" if teacher[k] else "n/a" for k in (zs, i2t, t2i))
+        print(f"| {name} | {100 * m[zs]:.1f} | {100 * m[i2t]:.1f} | {100 * m[t2i]:.1f} | {retention} |")
     print(f"\nquickstart finished in {time.time() - t0:.0f}s; runs, logs and checkpoints are in {opts.out}/")
 
 
