@@ -8,6 +8,7 @@ smallest complete example of how to use the project.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     opts = p.parse_args()
     torch.set_num_threads(opts.threads)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" notes: we load our own
     t0 = time.time()
     budget = Budget(opts.seed, opts.num_train, opts.teacher_epochs, opts.student_epochs)
     world, teacher_file, _ = prepare_teacher(opts.out, opts.threads, budget)

@@ -1,8 +1,7 @@
 """Model loading for evaluation: open_clip name or JSON config + a pretrained tag, a weights file, or a training
 checkpoint (`{"model": student_state_dict, ...}`), always with weights_only=True.
 
-`training.models` (resolve_model_name, load_weights) is used when present; the small fallbacks below keep this
-module working on its own and are the single place to swap.
+Name resolution and weight loading are `training.models`' (one implementation for training and evaluation).
 """
 
 from __future__ import annotations
@@ -15,67 +14,8 @@ import os
 import open_clip
 import torch
 
+from ..models import load_weights, resolve_model_name
 from ..params import UsageError
-
-
-def resolve_model_name(name: str) -> str:
-    """An open_clip model name for `name` (a JSON config path is registered with open_clip on the fly)."""
-    try:
-        from ..models import resolve_model_name as project_resolve
-    except ImportError:
-        project_resolve = None
-    if project_resolve is not None:
-        return project_resolve(name)
-    if name.endswith(".json"):
-        if not os.path.isfile(name):
-            raise UsageError(f"model config not found: {name}")
-        open_clip.add_model_config(name)
-        name = os.path.splitext(os.path.basename(name))[0]
-    if name not in open_clip.list_models() and not name.startswith(("hf-hub:", "local-dir:")):
-        raise UsageError(f"unknown model '{name}' (see open_clip.list_models())")
-    return name
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            ckpt = load_file(path, device="cpu")
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot read checkpoint {path}: {msg}") from exc
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise UsageError(f"{path} holds no state_dict of tensors")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in ckpt.items()}
-
-
-def load_weights(model, path: str) -> None:
-    try:
-        from ..models import load_weights as project_load
-    except ImportError:
-        project_load = None
-    if project_load is not None:
-        project_load(model, path)
-        return
-    from open_clip.model import resize_pos_embed, resize_text_pos_embed
-
-    sd = _read_state_dict(path)
-    if "logit_scale" in sd and model.logit_scale.ndim != sd["logit_scale"].ndim:
-        sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-    resize_pos_embed(sd, model)
-    resize_text_pos_embed(sd, model)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
-        raise UsageError(f"{path} does not match the architecture: {str(exc).splitlines()[0]}") from exc
 
 
 def is_local_path(pretrained: str | None) -> bool:
