@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import distributed
+from .data.csv import open_image
 from .data.transforms import ImageFormat, centre_view, render_view, sample_view
 from .params import UsageError
 from .params import build_parser as build_train_parser
@@ -194,15 +195,9 @@ class _BuildStream(IterableDataset):
     def _csv_items(self, task: Task, skipped: Counter):
         t = self.table
         for j in range(task.start, task.end):
-            try:
-                with Image.open(t["images"][j]) as img:
-                    img.load()
-                    image = img.convert("RGB")
-            except FileNotFoundError:
-                skipped["missing_image"] += 1
-                continue
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-                skipped["corrupt_image"] += 1
+            image, reason = open_image(t["images"][j])
+            if reason:
+                skipped[reason] += 1
                 continue
             yield t["keys"][j], t["captions"][j], image
 

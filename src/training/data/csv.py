@@ -56,6 +56,18 @@ def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, capt
     return images, captions, keys, dropped
 
 
+def open_image(path: str):
+    """(decoded RGB image, None), or (None, skip reason) when the file is missing or cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB"), None
+    except FileNotFoundError:
+        return None, "missing_image"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None, "corrupt_image"
+
+
 class CsvDataset(Dataset):
     """Map-style dataset; indexed by (row, epoch) so the augmentation depends only on (seed, epoch, key)."""
 
@@ -71,23 +83,14 @@ class CsvDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _load(self, idx: int):
-        with Image.open(self.images[idx]) as img:
-            img.load()
-            return img.convert("RGB")
-
     def __getitem__(self, item) -> dict:
         idx, epoch = item if isinstance(item, tuple) else (item, 0)
         skipped: Counter = Counter()
         for attempt in range(_MAX_SUBSTITUTES):
             j = (idx + attempt) % len(self)
-            try:
-                image = self._load(j)
-            except FileNotFoundError:
-                skipped["missing_image"] += 1
-                continue
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-                skipped["corrupt_image"] += 1
+            image, reason = open_image(self.images[j])
+            if reason:
+                skipped[reason] += 1
                 continue
             rng = sample_rng(self.seed, epoch, self.keys[j])
             try:
