@@ -9,6 +9,7 @@ no-KD baseline and the teacher. Student, data, steps, seed and learning rate are
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma list of row names to run (default: all)")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     opts = p.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
     t0 = time.time()
     world, teacher_file, qs = prepare_teacher(opts.out, opts.threads)
     epochs = opts.student_epochs or qs.student_epochs
