@@ -424,8 +424,8 @@ def test_changed_data_is_refused(world, tmp_path):
     assert code == 2 and "differs from the CSV" in line
 
 
-def test_missing_keys_are_an_error(world, tmp_path):
-    # a cache built while one image was unreadable lacks that key; the image is back at training time
+def _cache_missing_row_4(world, tmp_path):
+    """A cache built while image 4 was unreadable (so it lacks key train/4); the image is back afterwards."""
     data = tmp_path / "data"
     shutil.copytree(world["data_root"], data)
     moved = dict(world, csv=str(data / "train.csv"), data_root=str(data))
@@ -434,18 +434,17 @@ def test_missing_keys_are_an_error(world, tmp_path):
     assert cache_teacher.main(build_argv(moved, out)) == 0
     assert json.load(open(out / "manifest.json"))["counts"]["skipped"] == {"missing_image": 1}
     os.rename(data / "images" / "away.jpg", data / "images" / "0004.jpg")
+    return moved, out
+
+
+def test_missing_keys_are_an_error(world, tmp_path):
+    moved, out = _cache_missing_row_4(world, tmp_path)
     code, line = run_main(train_argv(moved, "miss", "--teacher-cache", str(out)))
     assert code == 2 and "'train/4' is not in the teacher cache" in line and "--cache-missing skip" in line
 
 
 def test_cache_missing_skip_substitutes_and_counts(world, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(world["data_root"], data)
-    moved = dict(world, csv=str(data / "train.csv"), data_root=str(data))
-    os.rename(data / "images" / "0004.jpg", data / "images" / "away.jpg")
-    out = tmp_path / "partial"
-    assert cache_teacher.main(build_argv(moved, out)) == 0
-    os.rename(data / "images" / "away.jpg", data / "images" / "0004.jpg")
+    moved, out = _cache_missing_row_4(world, tmp_path)
     run = _build(train_argv(moved, "skip", "--teacher-cache", str(out), "--cache-missing", "skip", logs=False))
     skipped, keys = 0, []
     for batch in run.data.dataloader:
