@@ -42,15 +42,19 @@ def run_name(args) -> str:
 
 
 def param_groups(student: torch.nn.Module, loss_fn: torch.nn.Module, wd: float) -> list[dict]:
-    """open_clip's grouping: no weight decay on gains, biases, norms, embeddings' scales and logit scales."""
-    def no_decay(name: str, p: torch.Tensor) -> bool:
+    """open_clip's grouping for the student (no weight decay on gains, biases, norms and the logit scale); the loss
+    module names its own no-decay parameters (learnable scales, log-variances, biases)."""
+    def student_no_decay(name: str, p: torch.Tensor) -> bool:
         return p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
+    loss_no_wd = loss_fn.no_weight_decay_names()
     decay, no_wd = [], []
-    for module in (student, loss_fn):
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                (no_wd if no_decay(name, p) else decay).append(p)
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (no_wd if student_no_decay(name, p) else decay).append(p)
+    for name, p in loss_fn.named_parameters():
+        if p.requires_grad:
+            (no_wd if name in loss_no_wd else decay).append(p)
     return [{"params": no_wd, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
 
 
