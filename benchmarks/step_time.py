@@ -14,7 +14,11 @@ With --cache (training from a teacher-embedding cache, docs/teacher_cache.md) it
 benchmark batch with `python -m training.cache_teacher` and times
   cached KD step = a full optimizer step with the KD recipe whose teacher embeddings come from the cache
 reporting cached KD / student step (target <= 1.05) and the speed-up over the online KD step, plus the cache's
-bytes per sample for every storage format. --pairs times several teacher:student pairs in one run:
+bytes per sample for every storage format.
+
+Model FLOPs utilisation (MFU) is printed with the count it uses, measured by torch's FlopCounterMode on the batch:
+a step is 3 x the student's forward (forward + backward) plus, online, 1 x the teacher's forward; MFU = that count
+x steps/s / the device's peak (--peak-tflops; by default the dense bf16 peak of known GPUs, e.g. 989 for H100/H200). --pairs times several teacher:student pairs in one run:
 
     python benchmarks/step_time.py --cache --pairs tiny-teacher:tiny-student,ViT-B-32:ViT-T-16 --batch-size 8
 """
@@ -154,8 +158,32 @@ def measure_pair(opts, teacher_name: str, student_name: str, folder: str) -> dic
             c / s for c, s in zip(measures["cached KD step"], measures["student step"]))
         ratios["online/cached"] = statistics.median(
             o / c for o, c in zip(measures["KD step"], measures["cached KD step"]))
+    student_model = student_run.trainer.model
+    student_fwd = forward_flops(lambda: student_model(batch["image"].to(device, dtype=input_dtype(opts.precision)),
+                                                      batch["text"].to(device)))
+    flops = {"student fwd": student_fwd, "teacher fwd": forward_flops(teacher_forward)}
     return {"med": {k: statistics.median(v) for k, v in measures.items()}, "device": device, "cache": cache_info,
-            "ratios": ratios}
+            "ratios": ratios, "flops": flops}
+
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def forward_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return float(counter.get_total_flops())
+
+
+def peak_flops(opts, device) -> float | None:
+    if opts.peak_tflops:
+        return opts.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def report(opts, teacher_name: str, student_name: str, result: dict) -> None:
@@ -164,10 +192,18 @@ def report(opts, teacher_name: str, student_name: str, result: dict) -> None:
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"\n{teacher_name} -> {student_name}, batch {opts.batch_size}, {opts.precision}, {dev}, "
           f"spec {opts.distill}, median of {opts.steps}")
-    print("| measure | ms | samples/s |")
-    print("|---|---:|---:|")
+    flops, peak = result["flops"], peak_flops(opts, device)
+    step_flops = {"student step": 3 * flops["student fwd"], "teacher fwd": flops["teacher fwd"],
+                  "KD step": 3 * flops["student fwd"] + flops["teacher fwd"], "cached KD step": 3 * flops["student fwd"]}
+    print(f"FLOPs per batch of {opts.batch_size} (FlopCounterMode): student forward {flops['student fwd']:.3e}, "
+          f"teacher forward {flops['teacher fwd']:.3e}; a step counts 3 x student forward (+ teacher forward online)"
+          + (f"; MFU against a peak of {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+    print("| measure | ms | samples/s | GFLOP/s | MFU |")
+    print("|---|---:|---:|---:|---:|")
     for k, v in med.items():
-        print(f"| {k} | {v * 1e3:.1f} | {opts.batch_size / v:.0f} |")
+        achieved = step_flops[k] / v
+        mfu = f"{achieved / peak * 100:.1f}%" if peak else "n/a"
+        print(f"| {k} | {v * 1e3:.1f} | {opts.batch_size / v:.0f} | {achieved / 1e9:.1f} | {mfu} |")
     print(f"| **overhead** = KD / (student + teacher) - 1 | {overhead * 100:+.1f}% | |")
     if result["ratios"]:
         r = result["ratios"]
@@ -200,6 +236,8 @@ def main() -> None:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: dense bf16 peak of known GPUs)")
     p.add_argument("--cache", action="store_true", help="also time KD from a teacher-embedding cache")
     p.add_argument("--pairs", default=None, help="teacher:student pairs, comma-separated (overrides --teacher/--student)")
     p.add_argument("--views", type=int, default=2, help="--cache: views per sample of the benchmark cache")

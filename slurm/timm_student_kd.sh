@@ -6,8 +6,8 @@
 #
 # One torchrun per node (srun), rendezvous on the first node; 8 GPUs x 128 images = the published global batch of
 # 1024 on one node (on 2 nodes, halve BATCH or keep it and get 2048). The job requeues itself 5 minutes before its
-# time limit (--signal) and on node failure (--requeue); the next run resumes from the newest checkpoint of the
-# fixed run name (--resume latest --name $NAME), losing at most SAVE_EVERY steps.
+# time limit (--signal: the trainer checkpoints the current step first) and on node failure (--requeue, losing at
+# most SAVE_EVERY steps); the next run resumes from the newest checkpoint of the fixed run name (--resume latest).
 #
 # Environment: see scripts/recipes/common.sh (CC3M_CSV, CC12M_CSV, TEACHER_CKPT, DATA_ROOT, VAL_CSV, IMAGENET_VAL,
 # LOGS, NAME, BATCH, SAVE_EVERY, EXTRA_ARGS e.g. "--fsdp"), plus REPO (the clip-kd checkout; default: the
@@ -40,11 +40,15 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 LAUNCHER="srun --kill-on-bad-exit=1 torchrun --nnodes=${SLURM_NNODES:-1} --nproc_per_node=$GPUS_PER_NODE \
 --rdzv_id=${SLURM_JOB_ID:-0} --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT"
 
-requeue() {
-    echo "[slurm] USR1: time limit near, requeueing job ${SLURM_JOB_ID:-?} (it resumes from the latest checkpoint)"
+# USR1 (--signal=B:USR1@300) reaches this shell only: ask the trainer on every node to finish its step, write a
+# checkpoint and exit (it watches $LOGS/$NAME/stop), then requeue; the next job resumes from that checkpoint.
+stop_and_requeue() {
+    echo "[slurm] USR1: time limit near, checkpointing and requeueing job ${SLURM_JOB_ID:-?}"
+    mkdir -p "$LOGS/$NAME" && touch "$LOGS/$NAME/stop"
+    wait "$TRAIN_PID" || true
     scontrol requeue "${SLURM_JOB_ID}"
 }
-trap requeue USR1
+trap stop_and_requeue USR1
 
 run_training() {
     run_recipe "$NAME" \
@@ -58,5 +62,6 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
     run_training "$@"
 else
     run_training "$@" &   # in the background, so the USR1 trap runs while training does
-    wait $!
+    TRAIN_PID=$!
+    wait "$TRAIN_PID"
 fi

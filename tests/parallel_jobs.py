@@ -15,13 +15,13 @@ import os
 import torch
 
 
-def run_jobs(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: str) -> None:
+def run_jobs(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: str, device: str = "cpu") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cuda" if device.startswith("cuda") else "cpu")
     torch.set_num_threads(1)
     from training import distributed
 
-    env = distributed.init_distributed("cpu")
+    env = distributed.init_distributed(device)
     try:
         for job in jobs:
             run_job(env, job, out_dir)
@@ -31,9 +31,10 @@ def run_jobs(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: s
 
 def run_job(env, job: dict, out_dir: str) -> None:
     from training import distributed
-    from training.checkpoint import load_checkpoint, set_rng_state
+    from training.checkpoint import load_checkpoint, restore_rank_rng
+    from training.eval.engine import _input_dtype
     from training.main import build
-    from training.params import parse_args
+    from training.params import UsageError, parse_args
     from training.train import train_one_epoch
 
     if job.get("sys_path"):  # e.g. the Horovod stand-in (tests/fake_horovod)
@@ -41,7 +42,13 @@ def run_job(env, job: dict, out_dir: str) -> None:
 
         sys.path.insert(0, job["sys_path"])
     args = parse_args(job["argv"])
-    run = build(args, env)
+    try:
+        run = build(args, env)
+    except UsageError as exc:  # a combination the CLI refuses at start-up (every rank refuses it the same way)
+        if env.is_master:
+            torch.save({"refused": str(exc)}, os.path.join(out_dir, f"{job['name']}.pt"))
+        distributed.barrier()
+        return
     trainer, data = run.trainer, run.data
     record: dict = {"losses": [], "grads": None}
 
@@ -53,7 +60,7 @@ def run_job(env, job: dict, out_dir: str) -> None:
     if job.get("resume"):
         state = load_checkpoint(job["resume"])
         trainer.load_state_dict(state)
-        set_rng_state(state["rng"])
+        restore_rank_rng(state["rng"], env.rank, env.world_size, env.device)
         save("reloaded")
 
     engine = trainer.engine
@@ -73,6 +80,7 @@ def run_job(env, job: dict, out_dir: str) -> None:
     def log(step, metrics, prefix="train"):
         if prefix == "train":
             record["losses"].append({k: v for k, v in metrics.items() if k in ("total", "task", "crd", "icl", "fd")})
+            record.setdefault("scale", []).append(trainer.scaler.get_scale() if trainer.scaler is not None else None)
         return real_log(step, metrics, prefix)
 
     trainer.metrics.log = log
@@ -85,11 +93,12 @@ def run_job(env, job: dict, out_dir: str) -> None:
     # the bare student called directly (as evaluation does), inside the engine's unsharded() context
     student = trainer.student
     gen = torch.Generator().manual_seed(0)
-    image = torch.randn(2, 3, 64, 64, generator=gen)
-    text = torch.randint(1, 1000, (2, student.context_length), generator=gen)
+    image = torch.randn(2, 3, 64, 64, generator=gen).to(env.device)
+    text = torch.randint(1, 1000, (2, student.context_length), generator=gen).to(env.device)
     student.eval()
     with trainer.engine.unsharded(), torch.no_grad():
-        record["embeddings"] = (student.encode_image(image).clone(), student.encode_text(text).clone())
+        image = image.to(_input_dtype(student.visual))  # as evaluation does (bf16 students)
+        record["embeddings"] = (student.encode_image(image).float().cpu(), student.encode_text(text).float().cpu())
     if env.is_master:
         torch.save(record, os.path.join(out_dir, f"{job['name']}.pt"))
         for key in ("mid", "final"):

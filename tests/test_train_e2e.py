@@ -143,8 +143,10 @@ def test_two_processes_give_the_same_loss_and_gradients(world, local_loss, tmp_p
         assert torch.allclose(one["losses"][k], two["losses"][k], atol=1e-6, rtol=1e-5), k
     assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 10
     for k in one["grads"]:
-        assert torch.allclose(one["grads"][k], two["grads"][k], atol=1e-6, rtol=1e-4), (
-            k, (one["grads"][k] - two["grads"][k]).abs().max())
+        # relative to the tensor's norm: the CPU kernels' reduction order differs with the batch split, so entries
+        # near zero differ by ~1e-5 of the largest; a dropped rank or a wrong average is off by O(1) of the norm
+        a, b = one["grads"][k], two["grads"][k]
+        assert float((a - b).norm()) <= 1e-4 * float(a.norm()) + 1e-7, (k, float((a - b).norm() / a.norm()))
 
 
 def test_export_loads_in_open_clip_with_the_same_embeddings(world, tmp_path):

@@ -14,6 +14,7 @@ concatenation, and each micro-batch is re-run with a graph to backpropagate the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -138,3 +139,20 @@ def set_rng_state(state: tuple, device: torch.device) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(model: torch.nn.Module):
+    """BatchNorm running statistics (and batch counts) as they were on entry: the graph pass of an accumulated step
+    re-runs a micro-batch that the cached pass already counted, so its statistics update once, not twice. Normalisation
+    itself still uses each micro-batch's own statistics (BN normalises per micro-batch, not over K·B)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.training and m.track_running_stats]
+    saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(norms, saved):
+                for k, value in buffers.items():
+                    getattr(m, k).copy_(value)

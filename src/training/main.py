@@ -14,15 +14,19 @@ import torch
 
 from . import distributed, parallel
 from .accumulation import group_micro_batches
-from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, set_rng_state, write_latest
+from .checkpoint import atomic_save, check_resume, latest_checkpoint, load_checkpoint, restore_rank_rng, write_latest
 from .data import DataInfo, DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
 from .distill.features import check_masking_supported
 from .logger import MetricLogger, setup_logging
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
 from .params import UsageError, parse_args
+from .precision import make_grad_scaler, resolve
+from .preemption import StopRequest
 from .scheduler import LRSchedule
 from .train import NonFiniteLossError, Trainer, train_one_epoch
+
+STOP_FILE = "stop"  # <logs>/<name>/stop: finish the step, checkpoint and exit (the sbatch scripts' USR1 trap)
 
 
 def seed_everything(seed: int) -> None:
@@ -58,12 +62,30 @@ def param_groups(student: torch.nn.Module, loss_fn: torch.nn.Module, wd: float) 
     return [{"params": no_wd, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
 
 
+# Captions that tell tokenizers apart: case, accents, digits, punctuation, and a length past every context.
+TOKENIZER_PROBES = ["A photo of a Café, number 42!", "THE quick brown fox — jumps over the lazy dog?",
+                    "naïve façade 東京 emoji 🙂 tab\there", " ".join(f"word{i}" for i in range(300))]
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers give the same ids for every probe caption (their classes say nothing: SigLIP's T5
+    and SigLIP 2's Gemma tokenizers are both HFTokenizer with context 64, with different vocabularies)."""
+    if a is b:
+        return True
+    try:
+        ta, tb = a(TOKENIZER_PROBES), b(TOKENIZER_PROBES)
+    except Exception:  # a tokenizer that cannot take the probes cannot be shown to be the same
+        return False
+    return ta.shape == tb.shape and bool(torch.equal(ta, tb))
+
+
 def build_transforms(args, student_bundle, teacher_bundle, teacher_cache=None) -> DataTransforms:
     teacher_fmt = teacher_bundle.image_format if teacher_bundle else None
     teacher_tok = None
-    if teacher_bundle and (teacher_bundle.context_length != student_bundle.context_length
-                           or type(teacher_bundle.tokenizer) is not type(student_bundle.tokenizer)):
+    if teacher_bundle and not same_tokenizer(teacher_bundle.tokenizer, student_bundle.tokenizer):
         teacher_tok = teacher_bundle.tokenizer
+        logging.info("the teacher tokenises captions with its own tokenizer (%s, context %d)",
+                     type(teacher_tok).__name__, teacher_bundle.context_length)
     return DataTransforms(
         tokenizer=student_bundle.tokenizer, teacher_tokenizer=teacher_tok,
         train_views=PairedViews(student_bundle.image_format, teacher_fmt, train=True, seed=args.seed),
@@ -89,7 +111,12 @@ def build(args, env: distributed.DistEnv) -> Run:
 
     log_dir = os.path.join(args.logs, args.name) if args.logs and args.name else None
     seed_everything(args.seed)  # same seed on every rank: identical student init and loss-side heads
-    student_bundle = create_student(args, env.device)
+    precision = resolve(args.precision, env.device, args.amp_fp16_on_cpu)
+    engine_name = parallel.engine_name(args)
+    # --precision bf16: FSDP2 and DeepSpeed cast the weights themselves (fp32 master weights); DDP and Horovod
+    # train open_clip's bf16 model, as open_clip does
+    student_bundle = create_student(args, env.device, low_precision="bf16" if precision.low_precision_weights
+                                    and engine_name in ("ddp", "horovod") else None)
     cache = None
     if getattr(args, "teacher_cache", None):  # cached teacher embeddings: no teacher is built or run
         from .teacher_cache import open_for_training
@@ -116,7 +143,7 @@ def build(args, env: distributed.DistEnv) -> Run:
         student_layers = loss_fn.feat_layers_for("student")
         wrapped.image_layers, wrapped.text_layers = student_layers.get("image"), student_layers.get("text")
         teacher.set_intermediate_layers(loss_fn.feat_layers_for("teacher"), member=args.kd_teacher_member or 0)
-    scaler = torch.amp.GradScaler("cuda") if args.precision == "amp" and env.device.type == "cuda" else None
+    scaler = make_grad_scaler(precision, sharded=engine_name == "fsdp")
     # DDP, FSDP2, DeepSpeed or Horovod (training/parallel.py); the optimizer is built after wrapping
     engine = parallel.wrap(args, env, wrapped, loss_fn, teacher,
                            make_groups=lambda: param_groups(student, loss_fn, args.wd),
@@ -136,7 +163,11 @@ def build(args, env: distributed.DistEnv) -> Run:
                            else None, enabled=env.is_master)
     schedule = LRSchedule(optimizer, args.lr, args.warmup, total_steps, args.lr_scheduler)
     trainer = Trainer(args=args, env=env, model=engine.model, student=student, teacher=teacher, loss_fn=loss_fn,
-                      optimizer=optimizer, scaler=scaler, schedule=schedule, metrics=metrics, engine=engine)
+                      optimizer=optimizer, scaler=scaler, schedule=schedule, metrics=metrics, engine=engine,
+                      precision=precision)
+    # Identical weights everywhere are built; from here on each rank draws its own randomness (dropout, drop-path),
+    # as open_clip does. Patch masks and data augmentation have their own seeds and stay process-count independent.
+    seed_everything(args.seed + env.rank)
     return Run(trainer, data, student_bundle, log_dir, os.path.join(log_dir, "checkpoints") if log_dir else None)
 
 
@@ -161,8 +192,12 @@ def run(argv=None) -> int:
             logging.info("--resume latest: no checkpoint in %s yet, starting fresh", ckpt_dir)
     if resume_path:
         state = load_checkpoint(resume_path)
+        for note in check_resume(state, args, env.world_size, data.num_batches):
+            logging.warning("resume: %s", note)
         trainer.load_state_dict(state)
-        set_rng_state(state["rng"])
+        if not restore_rank_rng(state["rng"], env.rank, env.world_size, env.device):
+            logging.warning("resume: the checkpoint has no random state for rank %d of %d: reseeded from the seed",
+                            env.rank, env.world_size)
         if state.get("data_state") is not None and "load_state_fn" in data.extra:
             data.extra["load_state_fn"](state["data_state"])  # WebDataset: per-worker stream positions
         logging.info("resumed from %s at epoch %d, step %d, batch %d", resume_path, trainer.epoch, trainer.step,
@@ -180,6 +215,8 @@ def run(argv=None) -> int:
             logging.info("saved %s", os.path.join(ckpt_dir, filename))
         distributed.barrier()
 
+    trainer.stop = StopRequest(os.path.join(log_dir, STOP_FILE) if log_dir else None, env.device,
+                               env.is_master).install()
     eval_transform = EvalTransform(built.student_bundle.image_format)
     while trainer.epoch < args.epochs:
         if trainer.batch_in_epoch >= data.num_batches:
@@ -200,6 +237,10 @@ def run(argv=None) -> int:
             trainer.metrics.log(trainer.step, results, prefix="eval")
         if stop:
             break
+    trainer.stop.uninstall()
+    if trainer.stop.agreed_reason:
+        logging.info("stopped at step %d (%s): checkpoint written, continue with --resume latest --name %s",
+                     trainer.step, trainer.stop.agreed_reason, args.name)
     trainer.metrics.close()
     distributed.cleanup()
     return 0

@@ -109,11 +109,12 @@ class StudentModel(nn.Module):
         self.image_layers: list[int] | None = None
         self.text_layers: list[int] | None = None
 
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor, mask_keys: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         from .distill.features import forward_features
 
         return forward_features(self.clip, image, text, mask_ratio=self.mask_ratio if self.training else 0.0,
-                                image_layers=self.image_layers, text_layers=self.text_layers)
+                                image_layers=self.image_layers, text_layers=self.text_layers, mask_keys=mask_keys)
 
 
 @dataclass
@@ -130,10 +131,14 @@ def _bundle(model: nn.Module) -> ModelBundle:
                        int(getattr(tokenizer, "context_length", getattr(model, "context_length", 77))))
 
 
-def create_student(args, device: torch.device) -> ModelBundle:
+def create_student(args, device: torch.device, low_precision: str | None = None) -> ModelBundle:
+    """low_precision "bf16": built the way open_clip builds --precision bf16 (bf16 weights, fp32 LayerNorms and
+    logit scale); for the engines that do not cast the weights themselves (DDP, Horovod)."""
     kwargs = {}
     if args.force_image_size:
         kwargs["force_image_size"] = args.force_image_size
+    if low_precision:
+        kwargs["precision"] = low_precision
     clip = create_clip(args.model, args.pretrained, device, **kwargs)
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)

@@ -310,7 +310,7 @@ class FSDPEngine(Engine):
             raise UsageError(f"--fsdp needs torch >= 2.7 (fully_shard(ignored_params=...)), this is {torch.__version__}")
         _ensure_process_group(self.env)
         self.mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        policy = fsdp_mixed_precision(self.args.precision, self.env.device)
+        policy = fsdp_mixed_precision(self.args, self.env.device)
         self.replicated = [p for p in model.parameters() if p.ndim == 0]
         for block in blocks(model):
             if self.args.torchcompile:
@@ -324,7 +324,7 @@ class FSDPEngine(Engine):
         """--fsdp-shard-teacher: the frozen teacher's weights sharded too (gathered block by block in its forward)."""
         from torch.distributed.fsdp import fully_shard
 
-        policy = fsdp_mixed_precision(self.args.precision, self.env.device)
+        policy = fsdp_mixed_precision(self.args, self.env.device)
         scalars = {p for p in teacher.parameters() if p.ndim == 0}
         for block in blocks(teacher):
             fully_shard(block, mesh=self.mesh, mp_policy=policy)
@@ -397,13 +397,20 @@ class FSDPEngine(Engine):
             self.model.reshard()
 
 
-def fsdp_mixed_precision(precision: str, device: torch.device):
+def fsdp_mixed_precision(args, device: torch.device):
+    """Parameters (and so compute) in the autocast dtype, gradient reduction and master weights in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision in ("amp_bf16", "bf16") or (precision == "amp" and device.type != "cuda"):
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if precision in ("amp", "fp16"):
-        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    from .precision import resolve
+
+    precision = resolve(args.precision, device, getattr(args, "amp_fp16_on_cpu", False))
+    dtype = precision.autocast_dtype or precision.low_precision_weights
+    if dtype == torch.float16 and device.type != "cuda":
+        # the CUDA fp16 path emulated on CPU: CPU autocast leaves layer_norm's fp16 weights uncast, so keep fp32
+        # parameters there; gradients are then DTensors and plain tensors, as on CUDA
+        return MixedPrecisionPolicy()
+    if dtype is not None:
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
@@ -590,8 +597,8 @@ class DeepSpeedEngine(_SideOptimizerEngine):
             state = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
         for name, p in self.student.named_parameters():
             master = safe_get_full_fp32_param(p)
-            if master is not None:
-                state[name] = master.detach().to(state[name].dtype).cpu().reshape(state[name].shape)
+            if master is not None:  # the fp32 master itself (under bf16 the module holds a rounded copy)
+                state[name] = master.detach().float().cpu().reshape(state[name].shape)
         return state
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=1e-6)
     g.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
     g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const"])
-    g.add_argument("--precision", default="amp", choices=["fp32", "amp", "amp_bf16", "bf16"])
+    g.add_argument("--precision", default="amp", choices=["fp32", "amp", "amp_bf16", "bf16"],
+                   help="amp: fp16 autocast + loss scaling on CUDA, bf16 autocast on CPU; amp_bf16: bf16 autocast; "
+                        "bf16: bf16 weights and batches (training/precision.py)")
+    g.add_argument("--amp-fp16-on-cpu", action="store_true",
+                   help="run --precision amp on CPU as on CUDA (fp16 autocast + GradScaler): tests the CUDA path here")
     g.add_argument("--grad-clip-norm", type=float, default=None)
     g.add_argument("--max-nonfinite-steps", type=int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,24 +13,13 @@ import torch.distributed as dist
 
 from . import accumulation, distributed
 from .checkpoint import rng_state
+from .distill.features import mask_keys
+from .precision import Precision, autocast_for, input_dtype, resolve  # noqa: F401  (autocast_for: re-exported)
+from .preemption import StopRequest
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def autocast_for(precision: str, device: torch.device):
-    """open_clip's precision names: amp = fp16 autocast on CUDA (bf16 on CPU), amp_bf16 = bf16 autocast."""
-    if precision == "amp":
-        dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-    if precision == "amp_bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-def input_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 @dataclass
@@ -55,8 +43,12 @@ class Trainer:
     nonfinite_total: int = 0
     skipped: Counter = field(default_factory=Counter)
     engine: Any = None  # parallel.Engine: how the student is wrapped and stepped (plain/DDP when not given)
+    precision: Precision | None = None  # resolved from args.precision when not given
+    stop: StopRequest | None = None  # SIGUSR1/SIGTERM: finish the step, save, exit (training/preemption.py)
 
     def __post_init__(self):
+        if self.precision is None:
+            self.precision = resolve(self.args.precision, self.env.device, getattr(self.args, "amp_fp16_on_cpu", False))
         if self.engine is None:
             from .parallel import Engine
 
@@ -73,9 +65,10 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
+            "world_size": self.env.world_size,
             "nonfinite_total": self.nonfinite_total,
             "skipped": dict(self.skipped),
-            "rng": rng_state(),
+            "rng": distributed.gather_objects(rng_state(self.env.device)),  # each rank's own generators
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, list, dict,
                                                                                   type(None)))},
         }
@@ -95,7 +88,7 @@ def teacher_outputs(trainer: Trainer, batch: dict, image: torch.Tensor, text: to
     """Teacher embeddings for the batch: from the live frozen teacher, or from the teacher cache (--teacher-cache)."""
     if "teacher_image_emb" in batch:  # joined from the cache by make_sample (training/teacher_cache.py)
         return trainer.teacher.outputs_from_batch(batch, trainer.env.device)
-    device, dtype = trainer.env.device, input_dtype(trainer.args.precision)
+    device, dtype = trainer.env.device, trainer.precision.batch_dtype
     t_image = batch["teacher_image"].to(device, dtype=dtype, non_blocking=True) if "teacher_image" in batch else image
     t_text = batch["teacher_text"].to(device, non_blocking=True) if "teacher_text" in batch else text
     return trainer.teacher(t_image, t_text)
@@ -110,8 +103,19 @@ def _all_ranks_finite(loss: torch.Tensor) -> bool:
 
 def model_inputs(trainer: Trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     device = trainer.env.device
-    image = batch["image"].to(device, dtype=input_dtype(trainer.args.precision), non_blocking=True)
+    image = batch["image"].to(device, dtype=trainer.precision.batch_dtype, non_blocking=True)
     return image, batch["text"].to(device, non_blocking=True)
+
+
+def student_forward(trainer: Trainer, image: torch.Tensor, text: torch.Tensor, micro_batch: int = 0) -> dict:
+    """The student's forward. Patch masks (mfd) are drawn from (seed, step, position in the global batch), so each
+    sample of the global batch gets its own mask whatever the number of processes or micro-batches."""
+    keys = None
+    if trainer.engine.student_model.mask_ratio > 0:
+        b, world = image.shape[0], trainer.env.world_size
+        first = micro_batch * b * world + trainer.env.rank * b
+        keys = mask_keys(trainer.args.seed, trainer.step, torch.arange(first, first + b, device=image.device))
+    return trainer.model(image, text, mask_keys=keys) if keys is not None else trainer.model(image, text)
 
 
 def distill_losses(trainer: Trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
@@ -144,13 +148,12 @@ def _skip_nonfinite(trainer: Trainer, total: torch.Tensor) -> bool:
 
 def train_step(trainer: Trainer, batch: dict) -> dict[str, torch.Tensor] | None:
     """One optimizer step. Returns the loss terms, or None when the step was skipped for a non-finite loss."""
-    autocast = autocast_for(trainer.args.precision, trainer.env.device)
     image, text = model_inputs(trainer, batch)
 
     trainer.engine.zero_grad()
-    with autocast():
+    with trainer.precision.autocast():
         teacher = teacher_outputs(trainer, batch, image, text) if trainer.loss_fn.needs_teacher else None
-        student = trainer.model(image, text)
+        student = student_forward(trainer, image, text)
         losses = distill_losses(trainer, student, teacher)
     if _skip_nonfinite(trainer, losses["total"]):
         return None
@@ -168,17 +171,17 @@ def accumulated_step(trainer: Trainer, micro_batches: list[dict]) -> dict[str, t
     forward with a graph, from the same RNG state (same patch masks), and backprop the cached output gradients.
     """
     engine, device = trainer.engine, trainer.env.device
-    autocast = autocast_for(trainer.args.precision, device)
+    autocast = trainer.precision.autocast
     inputs = [model_inputs(trainer, batch) for batch in micro_batches]
     sizes = [image.shape[0] for image, _ in inputs]
 
     engine.zero_grad()
     rng, students, teachers = [], [], []
     with torch.no_grad(), autocast():
-        for batch, (image, text) in zip(micro_batches, inputs):
+        for i, (batch, (image, text)) in enumerate(zip(micro_batches, inputs)):
             teachers.append(teacher_outputs(trainer, batch, image, text) if trainer.loss_fn.needs_teacher else None)
             rng.append(accumulation.rng_state(device))
-            students.append(trainer.model(image, text))
+            students.append(student_forward(trainer, image, text, micro_batch=i))
     rng_after = accumulation.rng_state(device)
     student, leaves = accumulation.as_leaves(accumulation.concat(students))
     teacher = accumulation.concat(teachers)
@@ -191,10 +194,11 @@ def accumulated_step(trainer: Trainer, micro_batches: list[dict]) -> dict[str, t
 
     for i, (image, text) in enumerate(inputs):
         last = i == len(inputs) - 1
-        with engine.micro_batch(last=last):
+        # BatchNorm: the cached pass already updated the running statistics with this micro-batch
+        with engine.micro_batch(last=last), accumulation.frozen_norm_statistics(trainer.model):
             accumulation.set_rng_state(rng[i], device)
             with autocast():
-                outputs = trainer.model(image, text)
+                outputs = student_forward(trainer, image, text, micro_batch=i)
             engine.backward(accumulation.surrogate(outputs, leaves, i, sizes, last), prescaled=True)
     accumulation.set_rng_state(rng_after, device)
     update(trainer)
@@ -211,6 +215,8 @@ def update(trainer: Trainer) -> None:
         engine.clip_grad_norm_(trainer.args.grad_clip_norm)
     engine.step()
     engine.clamp_logit_scale_()  # open_clip's clamp: the student's temperature never exceeds 100
+    if hasattr(trainer.loss_fn, "clamp_scales_"):
+        trainer.loss_fn.clamp_scales_()  # the learnable icl/afd scales, the same way
 
 
 def train_one_epoch(trainer: Trainer, data, save_fn, total_steps_cap: int | None) -> bool:
@@ -240,10 +246,12 @@ def train_one_epoch(trainer: Trainer, data, save_fn, total_steps_cap: int | None
         if losses is not None and (trainer.step % args.log_every_n_steps == 0 or last):
             log_step(trainer, losses, window, sum(len(b["key"]) for b in micro))
             window = Counter()
-        if args.save_every_n_steps and trainer.step % args.save_every_n_steps == 0 and not last:
+        periodic = bool(args.save_every_n_steps) and trainer.step % args.save_every_n_steps == 0 and not last
+        capped = total_steps_cap is not None and trainer.step >= total_steps_cap and not last
+        preempted = trainer.stop is not None and trainer.stop.should_stop()  # collective: every rank, every step
+        if periodic or capped or preempted:
             save_fn(f"step_{trainer.step}.pt")
-        if total_steps_cap is not None and trainer.step >= total_steps_cap and not last:
-            save_fn(f"step_{trainer.step}.pt")
+        if capped or preempted:
             return False
     return True  # at an epoch end the caller saves epoch_N.pt, also when --max-steps lands exactly there
 

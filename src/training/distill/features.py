@@ -62,16 +62,48 @@ def num_kept(num_patches: int, mask_ratio: float) -> int:
     return max(1, math.floor(num_patches * (1.0 - mask_ratio) + 1e-6))
 
 
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors: the same bits on every device and process."""
+    x = x & _U32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32  # int64 products may wrap; the low 32 bits stay exact
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def mask_keys(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+    """One mask key per sample from (seed, step, position in the global batch) [B] int64: masks differ across the
+    samples of a global batch and do not depend on how it is split over processes or micro-batches."""
+    base = _mix32(_mix32(torch.tensor(seed, dtype=torch.int64)) ^ (step & _U32))
+    return _mix32(base.to(positions.device) ^ positions.to(torch.int64))
+
+
+def _keyed_order(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """A random permutation of 0..n-1 per key [B, n], a pure function of the key."""
+    patch = torch.arange(n, device=keys.device, dtype=torch.int64)
+    noise = _mix32(keys.to(torch.int64)[:, None] ^ _mix32(patch + 0x9E3779B9)[None, :])
+    shift = max(12, n.bit_length())
+    return ((noise << shift) | patch).argsort(dim=1)  # the patch index breaks ties
+
+
 def mask_tokens(x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
-                exclude_first_token: bool = True) -> torch.Tensor:
+                exclude_first_token: bool = True, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Keep a per-sample random subset of (1 − r) of the tokens of x [B, N, C] (the first, class token always kept),
-    in their original order."""
+    in their original order. With `keys` ([B] int64, see mask_keys) the subset is a function of each sample's key;
+    otherwise it is drawn from `generator` (or the global RNG)."""
     prefix, patches = (x[:, :1], x[:, 1:]) if exclude_first_token else (x[:, :0], x)
     b, n, c = patches.shape
     keep = num_kept(n, mask_ratio)
-    gen_device = generator.device if generator is not None else x.device
-    noise = torch.rand(b, n, generator=generator, device=gen_device).to(x.device)
-    idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+    if keys is not None:
+        order = _keyed_order(keys.to(x.device), n)
+    else:
+        gen_device = generator.device if generator is not None else x.device
+        order = torch.rand(b, n, generator=generator, device=gen_device).to(x.device).argsort(dim=1)
+    idx = order[:, :keep].sort(dim=1).values
     kept = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
     return torch.cat([prefix, kept], dim=1)
 
@@ -79,15 +111,16 @@ def mask_tokens(x: torch.Tensor, mask_ratio: float, generator: torch.Generator |
 class TokenMask(nn.Module):
     """Drop-in for open_clip's PatchDropout that always masks (train or eval) with a per-sample random subset."""
 
-    def __init__(self, mask_ratio: float, generator: torch.Generator | None = None):
+    def __init__(self, mask_ratio: float, generator: torch.Generator | None = None, keys: torch.Tensor | None = None):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise DistillSpecError(f"mask ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
         self.generator = generator
+        self.keys = keys
 
     def forward(self, x):
-        return mask_tokens(x, self.mask_ratio, self.generator) if self.mask_ratio > 0 else x
+        return mask_tokens(x, self.mask_ratio, self.generator, keys=self.keys) if self.mask_ratio > 0 else x
 
 
 @contextlib.contextmanager
@@ -188,9 +221,9 @@ def _nlc(x: torch.Tensor) -> torch.Tensor:
 
 # ---- forwards ---------------------------------------------------------------------------------------------------
 
-def _vit_forward(visual: VisionTransformer, image, mask_ratio, layers, generator):
+def _vit_forward(visual: VisionTransformer, image, mask_ratio, layers, generator, mask_keys=None):
     if mask_ratio > 0:
-        with _patch_dropout(visual, TokenMask(mask_ratio, generator)):
+        with _patch_dropout(visual, TokenMask(mask_ratio, generator, mask_keys)):
             x = visual._embeds(image)
     else:
         x = visual._embeds(image)
@@ -220,8 +253,8 @@ def _modified_resnet_forward(visual: ModifiedResNet, image, layers):
 
 
 def encode_image_with_options(visual: nn.Module, image: torch.Tensor, mask_ratio: float = 0.0,
-                              layers: Sequence[int] | None = None, generator: torch.Generator | None = None
-                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                              layers: Sequence[int] | None = None, generator: torch.Generator | None = None,
+                              mask_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(raw image features [B, D], intermediate tokens [[B, N, C] per entry of `layers`]) in ONE forward.
 
     mask_ratio > 0: per-sample random patch masking (ViT only). layers: block/stage indices (negative from the end)."""
@@ -236,7 +269,7 @@ def encode_image_with_options(visual: nn.Module, image: torch.Tensor, mask_ratio
         if mask_ratio == 0 and not layers:
             out = visual(image)
             return (out[0] if isinstance(out, tuple) else out), []
-        return _vit_forward(visual, image, mask_ratio, layers, generator)
+        return _vit_forward(visual, image, mask_ratio, layers, generator, mask_keys)
     if not layers:
         return visual(image), []
     if isinstance(visual, TimmModel):
@@ -269,7 +302,8 @@ def encode_text_with_options(model: nn.Module, text: torch.Tensor, layers: Seque
 
 def forward_features(model: nn.Module, image: torch.Tensor | None, text: torch.Tensor | None,
                      mask_ratio: float = 0.0, image_layers: Sequence[int] | None = None,
-                     text_layers: Sequence[int] | None = None, generator: torch.Generator | None = None) -> dict:
+                     text_layers: Sequence[int] | None = None, generator: torch.Generator | None = None,
+                     mask_keys: torch.Tensor | None = None) -> dict:
     """One forward of a CLIP model: raw features, logit scale and the requested intermediates.
 
     Returns {"image_features", "text_features", "logit_scale" (exp'd), "image_intermediates", "text_intermediates"}."""
@@ -277,7 +311,7 @@ def forward_features(model: nn.Module, image: torch.Tensor | None, text: torch.T
     out: dict = {"logit_scale": model.logit_scale.exp()}
     if image is not None:
         out["image_features"], out["image_intermediates"] = encode_image_with_options(
-            model.visual, image, mask_ratio, image_layers, generator)
+            model.visual, image, mask_ratio, image_layers, generator, mask_keys)
     if text is not None:
         out["text_features"], out["text_intermediates"] = encode_text_with_options(model, text, text_layers)
     return out

@@ -250,9 +250,20 @@ class DistillLoss(nn.Module):
         return [g for g in groups if g["params"]]
 
     def learned_scale(self, name: str) -> torch.Tensor:
-        """Value of a learnable loss-side scale ('icl' or 'afd'): exp(·) clamped to [1, 100]; raw with compat."""
+        """Value of a learnable loss-side scale ('icl' or 'afd'): exp(·) of its log-space parameter, which
+        `clamp_scales_` keeps in [0, ln 100] after each step; the raw multiplier with compat."""
         param = {"icl": self.icl_logit_scale, "afd": self.afd_logit_scale}[name]
-        return param if self.compat == "clipkd" else param.exp().clamp(1.0, 100.0)
+        return param if self.compat == "clipkd" else param.exp()
+
+    @torch.no_grad()
+    def clamp_scales_(self) -> None:
+        """Clamp the learnable scales' parameters, as open_clip clamps logit_scale: clamping exp(p) in the forward
+        instead would give p zero gradient outside the bounds, so a scale that crossed one would stay there."""
+        if self.compat == "clipkd":
+            return
+        for param in (self.icl_logit_scale, getattr(self, "afd_logit_scale", None)):
+            if param is not None:
+                param.clamp_(0.0, math.log(100.0))
 
     # ---- forward ----------------------------------------------------------------------------------------
     def forward(self, student_image: torch.Tensor, student_text: torch.Tensor, student_scale,

@@ -68,8 +68,14 @@ def autocast_for(device: torch.device, precision: str | None):
 
 
 def _input_dtype(model) -> torch.dtype:
-    p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+    """The dtype of the first convolution or linear weight (the image's first consumer): open_clip's bf16 models
+    keep embeddings and norms in fp32 and convert only those."""
+    if not hasattr(model, "modules"):
+        return torch.float32
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight.is_floating_point():
+            return m.weight.dtype
+    return torch.float32
 
 
 @torch.no_grad()
