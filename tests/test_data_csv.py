@@ -1,7 +1,9 @@
 """CSV loading: bad rows are skipped and counted, batches stay full, order is deterministic and world-size free."""
 
 import argparse
+from collections import Counter
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -94,3 +96,64 @@ def test_csv_list_with_root_list(tmp_path):
     info = get_data(_args(f"{a},{b}", f"{tmp_path / 'a'},{tmp_path / 'b'}"), _transforms())["train"]
     assert info.num_batches == 4
     assert sum(len(batch["key"]) for batch in info.dataloader) == 16
+
+
+class _PartialCache:
+    """Stands in for a TeacherCache under --cache-missing skip that holds only some keys (no embeddings)."""
+
+    missing, dir = "skip", "fake-cache"
+
+    def __init__(self, keys):
+        self.keys = set(keys)
+
+    def contains_keys(self, keys):
+        return np.array([k in self.keys for k in keys], bool)
+
+    def sample_entry(self, key, caption, size, rng):
+        from training.teacher_cache import SampleNotCached
+
+        if key not in self.keys:
+            raise SampleNotCached(key)
+        return {"view": None}  # no stored view: make_sample draws one
+
+
+def test_rows_missing_from_the_teacher_cache_are_left_out_and_counted(tmp_path):
+    root = str(tmp_path)
+    csv = write_image_csv(root, n=16, bad={2: "missing"})
+    cached = {f"train/{i}" for i in range(16) if not 3 <= i <= 9}  # a run of 7 uncached rows after row 2
+    transforms = _transforms()
+    transforms.teacher_cache = _PartialCache(cached)
+    info = get_data(_args(csv, root, batch_size=3), transforms)["train"]
+    assert info.num_batches == 3 and info.extra["left_out_per_epoch"] == 7  # 9 cached rows, 3 batches of 3
+    for epoch in (0, 1):
+        info.set_epoch(epoch)
+        keys, skipped = [], Counter()
+        for batch in info.dataloader:
+            assert len(batch["key"]) == 3
+            skipped.update(batch["skipped"])
+            keys += batch["key"]
+        # the missing image of row 2 is replaced by the next CACHED row (10), never by an uncached one
+        assert skipped == {"not_in_teacher_cache": 7, "missing_image": 1}
+        assert set(keys) == cached - {"train/2"} and Counter(keys)["train/10"] == 2 and len(keys) == 9
+
+
+def test_left_out_rows_keep_the_order_and_the_rank_split():
+    usable = np.ones(40, bool)
+    usable[[3, 4, 5, 17, 30]] = False
+    full = list(GlobalBatchSampler(40, 5, 0, 1, seed=1, shuffle=True))
+    kept = list(GlobalBatchSampler(40, 5, 0, 1, seed=1, shuffle=True, usable=usable))
+    # the same permutation without the left-out rows; the first sample carries the epoch's left-out count
+    assert kept[0] == (full[0][0], 0, 5) and [i for i, *_ in kept] == [i for i, _ in full if usable[i]][:35]
+    assert len(kept) == 35 and all(len(item) == 2 for item in kept[1:])
+    single = GlobalBatchSampler(40, 10, 0, 1, seed=4, shuffle=True, usable=usable)
+    ranks = [GlobalBatchSampler(40, 5, r, 2, seed=4, shuffle=True, usable=usable) for r in (0, 1)]
+    for s in (single, *ranks):
+        s.set_epoch(2)
+    s, a, b = list(single), list(ranks[0]), list(ranks[1])
+    assert len(s) == 30 and len(a) == len(b) == 15
+    for i in range(3):
+        assert s[i * 10:(i + 1) * 10] == a[i * 5:(i + 1) * 5] + b[i * 5:(i + 1) * 5]
+    ranks[1].set_epoch(2, start_batch=1)  # resume: the same items from batch 1 on
+    assert list(ranks[1]) == b[5:]
+    with pytest.raises(UsageError, match="35 of 40 rows are left out"):
+        GlobalBatchSampler(40, 8, 0, 1, seed=0, shuffle=True, usable=np.arange(40) < 5)

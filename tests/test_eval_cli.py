@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import training  # noqa: F401  (registers tiny-student / tiny-teacher)
-from test_eval_support import write_folder, write_retrieval_csv
+from test_eval_support import id_image, write_folder, write_retrieval_csv
 from training.evaluate import main
 
 
@@ -91,6 +91,44 @@ def test_bad_input_exits_2_with_one_line(data, tmp_path, capsys):
     _expect_usage_error(base + ["--datasets", demo, "--model", "no-such-model"], capsys, "unknown model")
     _expect_usage_error(base + ["--datasets", f"imagenet-a={data / 'demo' / 'test'}"], capsys, "wnid")
     _expect_usage_error(base + ["--datasets", demo, "--tasks", "retrieval"], capsys, "nothing to do")
+
+
+def test_numbered_folders_are_refused_not_scored_as_imagenet_v2(data, tmp_path, capsys):
+    # the bug: 10 folders 0..9 without classnames.txt ran as ImageNet-V2 (1000 classes), printed 0.00 and exited 0
+    for c in range(10):
+        os.makedirs(tmp_path / "digits" / str(c))
+        id_image(c).save(tmp_path / "digits" / str(c) / "a.png")
+    base = ["--model", "tiny-student", "--output", str(tmp_path / "out"), "--workers", "0", "--tasks", "zeroshot"]
+    for datasets in (str(tmp_path / "digits"), f"digits={tmp_path / 'digits'}"):
+        _expect_usage_error(base + ["--datasets", datasets], capsys,
+                            "add classnames.txt with one class name per line, in sorted folder order")
+    assert not os.path.exists(tmp_path / "out")
+    # a detected kind is said out loud
+    assert main(base + ["--datasets", str(data / "demo"), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"detected {data / 'demo'} as folder" in out and "classnames.txt" in out
+
+
+def test_in_training_eval_sets_refuse_numbered_folders_and_log_what_they_took(data, tmp_path, caplog):
+    import argparse
+    import logging
+
+    from training.evaluate import validate_eval_args
+    from training.params import UsageError
+
+    for c in range(3):
+        os.makedirs(tmp_path / "digits" / str(c))
+        id_image(c).save(tmp_path / "digits" / str(c) / "a.png")
+    args = argparse.Namespace(zeroshot_data=str(tmp_path / "digits"), val_data=None, eval_datasets=None)
+    with pytest.raises(UsageError, match="add classnames.txt"):
+        validate_eval_args(args)
+    args = argparse.Namespace(zeroshot_data=str(data / "demo" / "train"), val_data=None,
+                              eval_datasets=f"imagenetv2={tmp_path / 'digits'}")
+    with caplog.at_level(logging.INFO):
+        validate_eval_args(args)
+    text = caplog.text
+    assert "detected" in text and "as folder" in text  # --zeroshot-data: what it was taken for
+    assert "3 of ImageNet-V2's 1000 class folders" in text  # a named subset: said out loud
 
 
 def test_subprocess_bad_checkpoint_has_no_traceback(data, tmp_path):

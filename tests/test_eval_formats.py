@@ -27,7 +27,7 @@ from test_eval_support import (
 )
 from training.eval import datasets as D
 from training.eval.retrieval import run_retrieval
-from training.eval.templates import imagenet_wnids
+from training.eval.templates import imagenet_subset_wnids, imagenet_wnids
 from training.eval.zeroshot import run_zeroshot
 
 CPU = torch.device("cpu")
@@ -65,6 +65,7 @@ def test_shipped_wnids_are_the_sorted_imagenet_list_and_match_timm_subsets():
         with open(os.path.join(info, f"{sub}_indices.txt")) as f:
             expected = [int(v) for v in f.read().split()]
         assert D.imagenet_index_map(subset, wnids) == expected
+        assert imagenet_subset_wnids(sub.replace("_", "-")) == subset  # the lists shipped for detection
 
 
 def _wnid_folders(root, indices, per_class=1, image_ids=None):
@@ -93,8 +94,9 @@ def test_imagenet_v2_numeric_folders_map_by_integer_not_text_sort(tmp_path):
     for c in folders:
         os.makedirs(root / str(c))
         id_image(c).save(root / str(c) / "a.jpeg", "JPEG", quality=95)
-    assert D.detect_kind(str(root)) == "imagenetv2"
-    ds = D.load_classification(D.parse_dataset_specs(str(root))[0])
+    assert D.detect_kind(str(root)) is None  # 5 folders are not the ImageNet-V2 layout: never guessed
+    ds = D.load_classification(D.parse_dataset_specs(f"imagenetv2={root}")[0])
+    assert "5 of ImageNet-V2's 1000 class folders" in " ".join(ds.notes)  # a subset, said out loud
     assert sorted(ds.source.labels) == folders
     assert dict(zip([os.path.basename(os.path.dirname(p)) for p in ds.source.paths], ds.source.labels)) == {
         str(c): c for c in folders}
@@ -130,6 +132,94 @@ def test_imagenet_sketch_and_unknown_wnid(tmp_path):
     id_image(0).save(tmp_path / "bad" / "n99999999" / "x.jpg")
     with pytest.raises(D.DatasetError, match="not ImageNet-1k wnids"):
         D.load_classification(spec("imagenet-r", tmp_path / "bad"))
+
+
+def _numbered_folders(root, n, images=True):
+    for c in range(n):
+        os.makedirs(root / str(c))
+        if images:
+            id_image(c).save(root / str(c) / "a.png")
+
+
+def test_numbered_folders_are_imagenet_v2_only_with_all_1000(tmp_path):
+    # the bug: 10 folders 0..9 were scored as ImageNet-V2 (1000 classes, 80 templates) and reported 0.0
+    _numbered_folders(tmp_path / "digits", 10)
+    assert D.detect_kind(str(tmp_path / "digits")) is None
+    for text in (str(tmp_path / "digits"), f"digits={tmp_path / 'digits'}"):
+        with pytest.raises(D.DatasetError) as err:
+            D.parse_dataset_specs(text)
+        msg = str(err.value)
+        assert "10 numbered class folders (0..9)" in msg and "ImageNet-V2" in msg and "\n" not in msg
+        assert "add classnames.txt with one class name per line, in sorted folder order" in msg and "KIND=PATH" in msg
+    # with class names it is an ordinary folder set, and the detection says so
+    with open(tmp_path / "digits" / "classnames.txt", "w") as f:
+        f.write("\n".join(f"digit {c}" for c in range(10)) + "\n")
+    sp = D.parse_dataset_specs(str(tmp_path / "digits"))[0]
+    assert sp.kind == "folder" and "classnames.txt" in sp.detected
+    ds = D.load_classification(sp)
+    assert ds.num_classes == 10 and ds.classnames[3] == "digit 3" and ds.notes == []
+    # past 9 the sorted folder order is text order, and both the error and the loaded set spell it out
+    _numbered_folders(tmp_path / "twelve", 12)
+    with pytest.raises(D.DatasetError, match=r"in sorted folder order \(as text: 0, 1, 10, 11, \.\.\.\)"):
+        D.parse_dataset_specs(str(tmp_path / "twelve"))
+    with open(tmp_path / "twelve" / "classnames.txt", "w") as f:
+        f.write("\n".join(f"c{c}" for c in range(12)) + "\n")
+    ds = D.load_classification(D.parse_dataset_specs(str(tmp_path / "twelve"))[0])
+    assert "labels follow the text order of the numbered folders (0, 1, 10, 11, ...)" in ds.notes[0]
+    # the full 0..999 layout is ImageNet-V2, with the reason recorded for the log
+    _numbered_folders(tmp_path / "v2", 1000, images=False)
+    sp = D.parse_dataset_specs(str(tmp_path / "v2"))[0]
+    assert sp.kind == "imagenetv2" and "0..999" in sp.detected
+
+
+def test_wnid_folders_are_detected_only_as_an_exact_benchmark(tmp_path):
+    wnids = imagenet_wnids()
+    cases = {"in1k": (wnids, "imagenet1k"), "r": (imagenet_subset_wnids("imagenet-r"), "imagenet-r"),
+             "a": (imagenet_subset_wnids("imagenet-a"), "imagenet-a"),
+             os.path.join("sk", "sketch"): (wnids, "imagenet-sketch")}
+    for sub, (folders, _) in cases.items():
+        for w in folders:
+            os.makedirs(tmp_path / sub / w)
+    for sub, (_, kind) in cases.items():
+        path = tmp_path / sub.split(os.sep)[0]
+        sp = D.parse_dataset_specs(str(path))[0]
+        assert sp.kind == kind and sp.detected, (sub, sp)
+    # 200 wnids that are neither ImageNet-R's nor ImageNet-A's classes used to pass as imagenet-r
+    for w in wnids[:200]:
+        os.makedirs(tmp_path / "other" / w)
+    assert D.detect_kind(str(tmp_path / "other")) is None
+    with pytest.raises(D.DatasetError, match="200 wnid class folders") as err:
+        D.parse_dataset_specs(str(tmp_path / "other"))
+    assert "ImageNet-R" in str(err.value) and "KIND=PATH" in str(err.value)
+    # named explicitly, a subset is read (1000-way, or restricted to the folders present) and said out loud
+    _wnid_folders(tmp_path / "few", [3, 7])
+    full = D.load_classification(spec("imagenet1k", tmp_path / "few"))
+    assert full.num_classes == 1000 and "2 of the 1000 ImageNet class folders" in " ".join(full.notes)
+    sub = D.load_classification(spec("imagenet-r", tmp_path / "few"))
+    assert sub.num_classes == 2 and "not ImageNet-R's 200 classes" in " ".join(sub.notes)
+    a_first = imagenet_subset_wnids("imagenet-a")[0]
+    id_image(0).save(tmp_path / "a" / a_first / "x.png")
+    exact = D.load_classification(spec("imagenet-a", tmp_path / "a"))  # an exact subset has no note
+    assert exact.num_classes == 200 and exact.notes == []
+
+
+def test_folder_without_classnames(tmp_path):
+    # folder names that are no class names (numbers, wnids) are refused; words are used, and that is said
+    _numbered_folders(tmp_path / "digits", 3)
+    with pytest.raises(D.DatasetError, match="add classnames.txt with one class name per line"):
+        D.load_classification(spec("folder", tmp_path / "digits"))
+    _wnid_folders(tmp_path / "wnids", [1, 2])
+    with pytest.raises(D.DatasetError, match="add classnames.txt"):
+        D.load_classification(spec("folder", tmp_path / "wnids"))
+    for name in ("golden_retriever", "tabby cat"):
+        os.makedirs(tmp_path / "words" / name)
+        id_image(0).save(tmp_path / "words" / name / "a.png")
+    with pytest.raises(D.DatasetError, match="2 class folders and no classnames.txt") as err:
+        D.parse_dataset_specs(str(tmp_path / "words"))  # a bare path is not guessed to be a folder set
+    assert "folder=PATH" in str(err.value)
+    ds = D.load_classification(D.parse_dataset_specs(f"folder={tmp_path / 'words'}")[0])
+    assert ds.classnames == ["golden retriever", "tabby cat"]
+    assert "class names from the folder names" in " ".join(ds.notes)
 
 
 # ---- CIFAR, STL-10, Pets -------------------------------------------------------------------------------------------

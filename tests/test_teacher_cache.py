@@ -454,6 +454,66 @@ def test_cache_missing_skip_substitutes_and_counts(world, tmp_path):
     assert skipped == 1 and "train/4" not in keys
 
 
+def _with_uncached_csv(world, tmp_path, rows=100):
+    """--train-data of the cached CSV plus a second CSV of `rows` rows the cache never saw (its keys are extra/<row>)."""
+    extra = tmp_path / "extra.csv"
+    lines = ["filepath\ttitle"] + [f"images/{i % N:04d}.jpg\tan uncached caption {i}" for i in range(rows)]
+    extra.write_text("\n".join(lines) + "\n")
+    return f"{world['csv']},{extra}"
+
+
+def test_cache_missing_skip_over_a_whole_uncached_csv(world, tmp_path):
+    # the bug: more than 64 uncached rows in a row raised mid-epoch ("check --data-root"), and the rows before a
+    # cached one all became that one row
+    both = _with_uncached_csv(world, tmp_path)
+    argv = train_argv(world, "skip-csv", "--train-data", both, "--teacher-cache", world["fp16"], "--cache-missing",
+                      "skip", logs=False)
+    runs = [_build(argv) for _ in range(2)]
+    assert runs[0].data.num_batches == 3  # the 12 cached rows in batches of 4: an epoch is the trainable rows
+    orders = []
+    for run in runs:
+        order = []
+        for epoch in (0, 1):
+            run.data.set_epoch(epoch)
+            keys, skipped = [], 0
+            for batch in run.data.dataloader:
+                assert len(batch["key"]) == 4 and batch["teacher_image_emb"].shape == (4, 128)  # full batches
+                skipped += batch["skipped"].get("not_in_teacher_cache", 0)
+                keys += batch["key"]
+            assert skipped == 100  # every uncached row counted once per epoch
+            assert sorted(keys) == sorted(f"train/{i}" for i in range(N))  # each cached row once: no repeats
+            order.append(keys)
+        assert order[0] != order[1]
+        orders.append(order)
+    assert orders[0] == orders[1]  # a function of (seed, epoch)
+
+
+def test_cache_missing_skip_trains_and_resumes_exactly_through_the_cli(world, tmp_path):
+    both = _with_uncached_csv(world, tmp_path)
+    flags = ["--train-data", both, "--teacher-cache", world["fp16"], "--cache-missing", "skip"]
+    assert main(train_argv(world, "skip-straight", *flags)) == 0
+    assert main(train_argv(world, "skip-resumed", *flags, "--max-steps", "4")) == 0
+    ckpt = world["root"] / "logs" / "skip-resumed" / "checkpoints"
+    mid = torch.load(ckpt / "step_4.pt", weights_only=True)
+    assert mid["batch_in_epoch"] == 1 and mid["skipped"] == {"not_in_teacher_cache": 200}
+    assert main(train_argv(world, "skip-resumed", *flags, "--resume", "latest")) == 0
+    a = torch.load(world["root"] / "logs" / "skip-straight" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    b = torch.load(ckpt / "epoch_2.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["skipped"] == b["skipped"] == {"not_in_teacher_cache": 200}
+    for part in ("model", "loss"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    log = (world["root"] / "logs" / "skip-straight" / "out.log").read_text()
+    assert "skipped/not_in_teacher_cache: 200" in log and "100 of 112 rows" in log
+
+
+def test_cache_missing_skip_with_nothing_cached_is_one_line(world, tmp_path):
+    extra = _with_uncached_csv(world, tmp_path).split(",")[1]
+    code, line = run_main(train_argv(world, "none-cached", "--train-data", extra, "--teacher-cache", world["fp16"],
+                                     "--cache-missing", "skip"))
+    assert code == 2 and line.startswith("error: ") and "none of the 100 training rows" in line, line
+
+
 # ---- WebDataset input ------------------------------------------------------------------------------------------------
 def _write_tars(folder, n_shards=2, per_shard=4):
     os.makedirs(folder, exist_ok=True)
@@ -497,3 +557,44 @@ def test_webdataset_cache_build_and_training_batches(world, tmp_path):
         keys += batch["key"]
         assert train_step(run.trainer, batch) is not None
     assert sorted(keys) == sorted(f"s{i}_{j:03d}" for i in range(2) for j in range(4))
+
+
+def _wds_cache_of_first_two(world, tmp_path):
+    """Four shards; the cache holds only shard-00 and shard-01 (8 samples)."""
+    pattern = _write_tars(str(tmp_path / "wds"), n_shards=4)
+    out = tmp_path / "wds-cache"
+    assert cache_teacher.main(["--teacher", "tiny-teacher", "--teacher-pretrained", world["teacher"], "--train-data",
+                               pattern.replace("{00..03}", "{00..01}"), "--dataset-type", "webdataset", "--views",
+                               "2", "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu"]) == 0
+    return pattern, out
+
+
+def _wds_train_argv(data, cache, *extra):
+    return ["--model", "tiny-student", "--train-data", data, "--dataset-type", "webdataset", "--train-num-samples",
+            "8", "--batch-size", "4", "--workers", "0", "--logs", "", "--device", "cpu", "--precision", "fp32",
+            "--teacher-cache", str(cache), "--cache-missing", "skip", "--recipe", "clip-kd", "--epochs", "1",
+            "--zeroshot-frequency", "0", "--val-frequency", "0", *extra]
+
+
+@pytest.mark.timeout(120)  # the bug was a reader looping forever over samples it skips
+def test_webdataset_cache_missing_skip_leaves_out_uncached_shards(world, tmp_path):
+    pattern, cache = _wds_cache_of_first_two(world, tmp_path)
+    run = _build(_wds_train_argv(pattern, cache))
+    assert run.data.extra["shards"] == [pattern.replace("{00..03}", f"{i:02d}") for i in (0, 1)]
+    keys = [k for batch in run.data.dataloader for k in batch["key"]]
+    assert sorted(keys) == sorted(f"s{i}_{j:03d}" for i in range(2) for j in range(4))  # each cached sample once
+    # nothing cached at all: one line, before training
+    code, line = run_main(_wds_train_argv(pattern.replace("{00..03}", "{02..03}"), cache))
+    assert code == 2 and line.startswith("error: ") and "none of the 2 training shards" in line, line
+    # a shard the cache names but whose samples it lacks (rewritten since): the reader stops with one line
+    with tarfile.open(tmp_path / "wds" / "shard-01.tar", "w") as tf:
+        for j in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 40), COLOURS[j]).save(buf, format="JPEG")
+            for ext, payload in (("jpg", buf.getvalue()), ("txt", f"new sample {j}".encode())):
+                info = tarfile.TarInfo(f"new_{j:03d}.{ext}")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    code, line = run_main(_wds_train_argv(str(tmp_path / "wds" / "shard-01.tar"), cache))
+    assert code == 2 and line.startswith("error: ") and "no usable sample" in line and "not_in_teacher_cache" in line, \
+        line

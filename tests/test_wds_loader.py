@@ -223,3 +223,35 @@ def test_flags_parse():
                        "caption", "--wds-key-format", "shard", "--wds-shuffle-buffer", "100"])
     assert args.dataset_resampled and args.train_data_upsampling_factors == "1::2"
     assert (args.wds_caption_key, args.wds_key_format, args.wds_shuffle_buffer) == ("caption", "shard", 100)
+
+
+class _PartialCache:
+    """A teacher cache under --cache-missing skip that lacks every sample _001 and _002 of each shard."""
+
+    missing, dir, manifest = "skip", "fake-cache", {}
+
+    def __contains__(self, key):
+        return not key.endswith(("_001", "_002"))
+
+    def sample_entry(self, key, caption, size, rng):
+        from training.teacher_cache import SampleNotCached
+
+        if key not in self:
+            raise SampleNotCached(key)
+        return {"view": None}
+
+
+def test_cache_missing_skip_resume_without_state_replays_exactly(shards):
+    from training.data.transforms import ImageFormat, PairedViews
+
+    fmt = ImageFormat(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    transforms = DataTransforms(tokenizer=_tokenize, train_views=PairedViews(fmt, None, train=True),
+                                val_views=PairedViews(fmt, None, train=False), teacher_cache=_PartialCache())
+    args = _args(shards, train_num_samples=32, seed=5)
+    full, skipped, n = _run(get_wds_dataset(args, transforms, 0), epoch=1)
+    assert n == 8 and skipped["not_in_teacher_cache"] > 0 and not any(k.endswith(("_001", "_002")) for k in full)
+    first = get_wds_dataset(args, transforms, 0)
+    before, _, _ = _run(first, epoch=1, stop_after=3)
+    # no saved positions: the workers replay by decoding, and must reject uncached keys as make_sample does
+    after, _, _ = _run(get_wds_dataset(args, transforms, 0), epoch=1, start_batch=3)
+    assert before + after == full

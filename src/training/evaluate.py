@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from .eval.datasets import (
     DatasetError,
     DatasetSpec,
     RetrievalSet,
+    detect,
     detect_kind,
     has_train_split,
     load_classification,
@@ -89,6 +91,8 @@ def plan_jobs(specs: list[DatasetSpec], opts: EvalOptions, log: Callable[[str], 
     """Read every dataset description up front (bad input fails before any model is built)."""
     jobs: list[Job] = []
     for spec in specs:
+        if spec.detected and log:  # a detected kind is said out loud, so a wrong one is visible
+            log(f"{spec.name}: detected {spec.path} as {spec.kind} ({spec.detected}); pass KIND=PATH to choose another")
         if spec.is_retrieval:
             if "retrieval" in opts.tasks:
                 jobs.append(Job("retrieval", spec, load_retrieval(
@@ -110,6 +114,14 @@ def plan_jobs(specs: list[DatasetSpec], opts: EvalOptions, log: Callable[[str], 
                 log(f"skip linear probe on {spec.name}: no train split at {spec.path}")
         if "zeroshot" not in opts.tasks and "linear_probe" not in opts.tasks and log:
             log(f"skip {spec.name}: a classification set, and neither zeroshot nor linear_probe was requested")
+    if log:
+        said = set()
+        for job in jobs:
+            for ds in (job.data, job.train):
+                for note in getattr(ds, "notes", None) or []:
+                    if note not in said:
+                        said.add(note)
+                        log(f"note: {job.spec.name}: {note}")
     return jobs
 
 
@@ -127,8 +139,12 @@ def run_job(job: Job, model, preprocess, tokenizer, device: torch.device, opts: 
 
 def _details(job: Job) -> dict:
     d = {"kind": job.spec.kind, "path": os.path.abspath(job.spec.path)}
+    if job.spec.detected:
+        d["detected"] = job.spec.detected
     if isinstance(job.data, ClassificationSet):
         d.update(num_classes=job.data.num_classes, num_templates=len(job.data.templates))
+        if job.data.notes:  # the result file keeps why its number may not be the benchmark's
+            d["notes"] = list(job.data.notes)
     return d
 
 
@@ -152,10 +168,16 @@ def _due(epoch: int, frequency: int | None, total_epochs: int | None) -> bool:
 def _in_training_specs(args) -> tuple[DatasetSpec | None, DatasetSpec | None, list[DatasetSpec]]:
     zs = val = None
     if getattr(args, "zeroshot_data", None):
-        kind = detect_kind(args.zeroshot_data) or "folder"
+        try:
+            kind, why = detect(args.zeroshot_data)
+        except DatasetError:
+            if not os.path.isdir(args.zeroshot_data):
+                raise
+            # --zeroshot-data is an image folder by definition; _load_folder refuses folders without class names
+            kind, why = "folder", "an image folder, as --zeroshot-data expects"
         if kind not in CLASSIFICATION_KINDS:
             raise UsageError(f"--zeroshot-data {args.zeroshot_data} is not a classification set ({kind})")
-        zs = DatasetSpec("zeroshot", kind, args.zeroshot_data)
+        zs = DatasetSpec("zeroshot", kind, args.zeroshot_data, detected=why)
     if getattr(args, "val_data", None):
         kind = detect_kind(args.val_data) or "csv"
         if kind in CLASSIFICATION_KINDS:
@@ -174,8 +196,9 @@ def validate_eval_args(args) -> None:
                 raise UsageError(f"{flag}: path not found: {path}")
         zs, val, suite = _in_training_specs(args)
         opts = _training_opts(args)
+        sets = []
         if zs:
-            _cached(("cls", zs.kind, zs.path), lambda: load_classification(zs, "test"))
+            sets.append((zs, _cached(("cls", zs.kind, zs.path), lambda: load_classification(zs, "test"))))
         if val:
             _cached(("ret", val.kind, val.path, opts.data_root), lambda: load_retrieval(
                 val, opts.data_root, opts.csv_img_key, opts.csv_caption_key, opts.csv_separator))
@@ -183,7 +206,13 @@ def validate_eval_args(args) -> None:
             if spec.is_retrieval:
                 load_retrieval(spec, opts.data_root, opts.csv_img_key, opts.csv_caption_key, opts.csv_separator)
             else:
-                load_classification(spec, "test")
+                sets.append((spec, load_classification(spec, "test")))
+        # said once at start-up: which kind each set was taken for, and what makes its number not the benchmark's
+        for spec, ds in sets:
+            if spec.detected:
+                logging.info("eval set %s: detected %s as %s (%s)", spec.name, spec.path, spec.kind, spec.detected)
+            for note in ds.notes:
+                logging.warning("eval set %s: %s", spec.name, note)
     except DatasetError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -67,8 +67,9 @@ class TeacherCacheError(UsageError):
 class SampleNotCached(LookupError):
     """A training sample whose key is not in the cache, under --cache-missing skip.
 
-    Loaders treat an exception from `make_sample` carrying `skip_reason` like a bad image: the sample is replaced
-    (CSV: the next good row; WebDataset: the next sample) and counted in the batch's `skipped` dict.
+    The CSV loader leaves uncached rows out of each epoch's order up front (`TeacherCache.contains_keys`) and counts
+    them; the WebDataset loader treats an exception from `make_sample` carrying `skip_reason` like a bad image: the
+    sample is replaced by the next one of the stream and counted in the batch's `skipped` dict.
     """
 
     skip_reason = MISSING_REASON
@@ -402,6 +403,14 @@ class TeacherCache:
 
     def __contains__(self, key: str) -> bool:
         return self.locate(key) is not None
+
+    def contains_keys(self, keys: Sequence[str]) -> np.ndarray:
+        """Boolean mask: which of `keys` the cache holds (one vectorised lookup for a whole CSV)."""
+        h = np.fromiter((hash64(k) for k in keys), np.int64, len(keys))
+        if not len(self._hashes):
+            return np.zeros(len(h), bool)
+        i = np.minimum(np.searchsorted(self._hashes, h), len(self._hashes) - 1)
+        return self._hashes[i] == h
 
     def _handle(self, shard: int):
         if self._pid != os.getpid():  # forked worker: do not share the parent's file handles

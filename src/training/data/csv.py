@@ -3,6 +3,11 @@
 Bad rows never crash training and never shrink a batch: an empty caption is dropped at load time, and a missing or
 corrupt image is replaced by the next good row of the same file; both are counted and reach the logs through the
 batch's `skipped` field.
+
+Under `--teacher-cache DIR --cache-missing skip`, rows whose key the cache lacks are known before training (one
+vectorised lookup): every epoch's order is the usual (seed, epoch) permutation with those rows taken out, so an
+epoch is the trainable rows, batches stay full, no row repeats, and resume stays exact. Each epoch counts them once
+as `not_in_teacher_cache` (on its first sample).
 """
 
 from __future__ import annotations
@@ -79,15 +84,47 @@ class CsvDataset(Dataset):
         self.seed = seed
         if self.dropped:
             logging.warning("CSV: dropped rows at load time: %s", dict(self.dropped))
+        self.usable: np.ndarray | None = None  # rows the teacher cache holds, when it lacks some (skip mode)
+        self._usable_rows: np.ndarray | None = None
+        cache = transforms.teacher_cache if is_train else None
+        if cache is not None and cache.missing == "skip":
+            self._mask_uncached(cache, paths)
+
+    def _mask_uncached(self, cache, paths: list[str]) -> None:
+        from ..teacher_cache import MISSING_REASON, TeacherCacheError
+
+        usable = cache.contains_keys(self.keys)
+        if not usable.any():
+            raise TeacherCacheError(f"none of the {len(self)} training rows is in the teacher cache {cache.dir} "
+                                    f"(--cache-missing skip leaves nothing to train on): rebuild it for "
+                                    f"{', '.join(paths)} with python -m training.cache_teacher")
+        if usable.all():
+            return
+        self.usable, self._usable_rows = usable, np.flatnonzero(usable)
+        self.missing_reason = MISSING_REASON
+        logging.warning("teacher cache: %d of %d rows are not cached (--cache-missing skip): every epoch leaves them "
+                        "out and counts them as skipped/%s", len(self) - len(self._usable_rows), len(self),
+                        MISSING_REASON)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _next_row(self, j: int) -> int:
+        """The row tried after row j failed: the next one, or the next cached one when uncached rows are left out."""
+        if self._usable_rows is None:
+            return (j + 1) % len(self)
+        rows = self._usable_rows
+        return int(rows[np.searchsorted(rows, j, side="right") % len(rows)])
+
     def __getitem__(self, item) -> dict:
-        idx, epoch = item if isinstance(item, tuple) else (item, 0)
+        idx, epoch, *left_out = item if isinstance(item, tuple) else (item, 0)
         skipped: Counter = Counter()
+        if left_out and left_out[0]:  # the epoch's uncached rows, counted once (GlobalBatchSampler)
+            skipped[self.missing_reason] += int(left_out[0])
+        j = idx
         for attempt in range(_MAX_SUBSTITUTES):
-            j = (idx + attempt) % len(self)
+            if attempt:
+                j = self._next_row(j)
             image, reason = open_image(self.images[j])
             if reason:
                 skipped[reason] += 1
@@ -102,8 +139,10 @@ class CsvDataset(Dataset):
                 continue
             sample["skipped"] = dict(skipped)
             return sample
-        raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive unreadable images from row {idx} ({self.images[idx]}); "
-                           "check --data-root")
+        counts = ", ".join(f"{k} {v}" for k, v in skipped.items())
+        hint = "; check --data-root" if {"missing_image", "corrupt_image"} & set(skipped) else ""
+        raise RuntimeError(f"{_MAX_SUBSTITUTES} rows in a row from row {idx} ({self.images[idx]}) could not be used "
+                           f"({counts}){hint}")
 
 
 class GlobalBatchSampler(Sampler):
@@ -114,16 +153,21 @@ class GlobalBatchSampler(Sampler):
     """
 
     def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-                 num_samples: int | None = None):
+                 num_samples: int | None = None, usable: np.ndarray | None = None):
         self.num_items, self.batch_size = num_items, batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        # `usable`: rows that may be drawn (the others, e.g. not in the teacher cache, are left out of every epoch)
+        self.usable = None if usable is None or np.all(usable) else np.asarray(usable, bool)
+        available = int(self.usable.sum()) if self.usable is not None else num_items
+        self.left_out = num_items - available
         global_batch = batch_size * world_size
-        total = num_samples if num_samples else num_items
+        total = num_samples if num_samples else available
         self.num_batches = total // global_batch
         if self.num_batches == 0:
-            raise UsageError(f"{total} samples are fewer than one global batch ({batch_size} x {world_size} ranks); "
-                             "lower --batch-size")
+            what = f" ({self.left_out} of {num_items} rows are left out)" if self.left_out else ""
+            raise UsageError(f"{total} samples{what} are fewer than one global batch ({batch_size} x {world_size} "
+                             f"ranks); lower --batch-size")
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -131,19 +175,28 @@ class GlobalBatchSampler(Sampler):
 
     def _order(self) -> np.ndarray:
         needed = self.num_batches * self.batch_size * self.world_size
-        reps = -(-needed // self.num_items)
+        rows = np.arange(self.num_items) if self.usable is None else np.flatnonzero(self.usable)
+        reps = -(-needed // len(rows))
         if not self.shuffle:
-            return np.tile(np.arange(self.num_items), reps)[:needed]
+            return np.tile(rows, reps)[:needed]
         rng = np.random.default_rng([self.seed, self.epoch])
-        return np.concatenate([rng.permutation(self.num_items) for _ in range(reps)])[:needed]
+        # permutations of all rows, as without left-out rows, then filtered: the order stays a function of
+        # (seed, epoch) and no row repeats within a permutation
+        perms = [rng.permutation(self.num_items) for _ in range(reps)]
+        if self.usable is not None:
+            perms = [p[self.usable[p]] for p in perms]
+        return np.concatenate(perms)[:needed]
 
     def __iter__(self):
         order = self._order()
         gb = self.batch_size * self.world_size
         for b in range(self.start_batch, self.num_batches):
             start = b * gb + self.rank * self.batch_size
-            for i in order[start:start + self.batch_size]:
-                yield int(i), self.epoch
+            for k, i in enumerate(order[start:start + self.batch_size]):
+                if self.left_out and start + k == 0:  # the epoch's first sample carries its left-out count
+                    yield int(i), self.epoch, self.left_out
+                else:
+                    yield int(i), self.epoch
 
     def __len__(self) -> int:
         return (self.num_batches - self.start_batch) * self.batch_size
@@ -158,11 +211,12 @@ def get_csv_dataset(args, transforms: DataTransforms, is_train: bool, epoch: int
                          args.csv_separator, seed=args.seed)
     rank, world_size = world_info()
     sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, shuffle=is_train,
-                                 num_samples=args.train_num_samples if is_train else None)
+                                 num_samples=args.train_num_samples if is_train else None, usable=dataset.usable)
     sampler.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
                         persistent_workers=False)
     return DataInfo(dataloader=loader, num_batches=sampler.num_batches,
                     num_samples=sampler.num_batches * args.batch_size * world_size,
-                    set_epoch_fn=sampler.set_epoch, extra={"dropped_at_load": dict(dataset.dropped)})
+                    set_epoch_fn=sampler.set_epoch, extra={"dropped_at_load": dict(dataset.dropped),
+                                                           "left_out_per_epoch": sampler.left_out})

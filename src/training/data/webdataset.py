@@ -34,7 +34,10 @@ Bad data never stops training and never shrinks a batch. `batch["skipped"]` coun
     preprocessing failed), `truncated_tar` (tar ends early or has a broken header; counted once per read of the
     shard), `unreadable_shard` (cannot be opened). Per shard: `info.extra["skipped_by_shard"]` accumulates
     `{"<reason>:<shard url>": count}` in the main process, each worker logs its first few skips with shard and key,
-    and the end of every epoch logs one line with the shards that had problems.
+    and the end of every epoch logs one line with the shards that had problems. Under `--teacher-cache DIR
+    --cache-missing skip` shards the cache does not list are left out up front (logged; none left is an error), and
+    a sample the cache lacks is skipped as `not_in_teacher_cache`. A reader whose whole pass over its shards gave
+    no usable sample stops with a one-line NoDataError instead of looping.
 
 Exact mid-epoch resume (not resampled)
     Batch b comes from worker b % workers (DataLoader round robin). Each batch carries the number of samples its
@@ -97,8 +100,16 @@ _PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"
                       "https": "aiohttp", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
 
 
-class NoDataError(RuntimeError):
-    """A reader's shards hold no usable sample, so it cannot produce its share of batches."""
+class NoDataError(UsageError):
+    """A reader's shards hold no usable sample, so it cannot produce its share of batches (one line, exit 2, also
+    when raised in a DataLoader worker and re-raised by torch)."""
+
+    def __init__(self, message: str = ""):
+        message = str(message)
+        if message.startswith("Caught ") and "Traceback" in message:  # torch's worker re-raise: keep our line
+            last = [line for line in message.strip().splitlines() if line.strip()][-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
 
 
 # ---- shard lists -------------------------------------------------------------------------------------------------
@@ -457,8 +468,11 @@ class WdsDataset(IterableDataset):
                 raise NoDataError(f"rank {self.rank}: {counter[1]} shard draws in a row gave no samples; check "
                                   f"--train-data")
 
-    def _raw_stream(self, role: int, reader: _Reader):
-        """The reader's sample stream after shuffling (deterministic for seed, epoch, rank, role)."""
+    def _raw_stream(self, role: int, reader: _Reader, progress: dict | None = None):
+        """The reader's sample stream after shuffling (deterministic for seed, epoch, rank, role).
+
+        `progress` ({"good": usable samples so far, "checking": bool}) is kept by the consumer: a pass in which every
+        sample was skipped (e.g. none is in the teacher cache) raises NoDataError instead of looping forever."""
         if not self.is_train:
             yield from self._items(self._reader_shards(role), reader, [0, 0])
             return
@@ -471,18 +485,27 @@ class WdsDataset(IterableDataset):
         # pass after pass over this reader's shards, one shuffle buffer per pass flushed at its end, so no sample
         # repeats before every sample of the reader was seen once
         mine = self._reader_shards(role)
+        names = [self.shards[i] for i in mine]
+        shown = f"{names[:4]}{'...' if len(names) > 4 else ''}"
         p = 0
         while True:
             order = list(mine)
             if p:
                 random.Random(f"wds-pass:{self.seed}:{self.epoch}:{self.rank}:{role}:{p}").shuffle(order)
             counter = [0, 0]
+            good, checked = (progress["good"], progress["checking"]) if progress is not None else (None, False)
+            reasons: Counter = Counter()
             yield from _buffered_shuffle(self._items(order, reader, counter), rng, self.shuffle_buffer,
                                          self.shuffle_initial)
             if counter[0] == 0:
-                names = [self.shards[i] for i in mine]
-                raise NoDataError(f"rank {self.rank} worker {role}: no readable sample in its shards {names[:4]}"
-                                  f"{'...' if len(names) > 4 else ''}")
+                raise NoDataError(f"rank {self.rank} worker {role}: no readable sample in its shards {shown}")
+            # the consumer has decoded every item of the pass by now (it asked for the next one)
+            if checked and progress["checking"] and progress["good"] == good:
+                for name, count in reader.skipped.items():
+                    reasons[name.split(":", 1)[0]] += count
+                why = ", ".join(f"{k} {v}" for k, v in reasons.items()) or "every sample skipped"
+                raise NoDataError(f"rank {self.rank} worker {role}: a whole pass over its shards {shown} gave no "
+                                  f"usable sample ({counter[0]} read; skipped: {why})")
             p += 1
 
     # -- decoding --
@@ -520,10 +543,12 @@ class WdsDataset(IterableDataset):
         try:
             with Image.open(io.BytesIO(files[ext])) as im:
                 image = im.convert("RGB")
-            if not preprocess:
-                return True
             source = None if self.source_names is None else self.source_names[self.shard_sources[shard]]
             key = make_key(raw_key, url, source, self.key_format)
+            if not preprocess:
+                cache = self.transforms.teacher_cache if self.is_train else None
+                # replay must reject what make_sample would: a key the cache lacks (--cache-missing skip)
+                return None if cache is not None and cache.missing == "skip" and key not in cache else True
             rng = sample_rng(self.seed, self.epoch, key) if self.is_train else None
             return make_sample(image, caption, key, self.transforms, self.is_train, rng)
         except UsageError:  # e.g. a key missing from the teacher cache in error mode: never train on wrong targets
@@ -544,7 +569,8 @@ class WdsDataset(IterableDataset):
             reader.close()
 
     def _iter_role(self, role: int, reader: _Reader):
-        stream = self._raw_stream(role, reader)
+        progress = {"good": 0, "checking": False}  # no check while fast-forwarding (nothing is decoded)
+        stream = self._raw_stream(role, reader, progress)
         taken, done = 0, 0
         if self.is_train and not self.resampled:
             done = self.role_batches_done(role)
@@ -563,6 +589,7 @@ class WdsDataset(IterableDataset):
             reader.skipped.clear()
         elif self.is_train:
             done = self.role_batches_done(role)
+        progress["checking"] = True
         target_batches = self.worker_batches if self.is_train else None
         batch: list = []
         while target_batches is None or done < target_batches:
@@ -573,6 +600,7 @@ class WdsDataset(IterableDataset):
             sample = self._decode(item, reader)
             if sample is None:
                 continue
+            progress["good"] += 1
             batch.append(sample)
             if len(batch) == self.batch_size:
                 yield self._finish(batch, reader, role, taken, done)
@@ -663,6 +691,30 @@ def _select_state(state, rank: int):
     return state
 
 
+def _cached_shards(shards: list[str], shard_sources: list[int], sources: list[list[str]], cache):
+    """--cache-missing skip: leave out the shards the teacher cache has no entry for (by stem, as the start-up check
+    does), so no reader spends an epoch skipping a whole shard, or loops over shards it can never use."""
+    listed = cache.manifest.get("data", {}).get("shards")
+    if not listed:  # a cache that does not list its shards: every sample is checked on its own
+        return shards, shard_sources, sources
+    listed = set(listed)
+    keep = [shard_stem(u) in listed for u in shards]
+    if not any(keep):
+        from training.teacher_cache import TeacherCacheError
+
+        raise TeacherCacheError(f"none of the {len(shards)} training shards is in the teacher cache {cache.dir} "
+                                f"(--cache-missing skip leaves nothing to train on): rebuild it for this data with "
+                                f"python -m training.cache_teacher")
+    if all(keep):
+        return shards, shard_sources, sources
+    left = [u for u, k in zip(shards, keep) if not k]
+    log.warning("webdataset: %d of %d shards are not in the teacher cache (first: %s); --cache-missing skip leaves "
+                "them out of every epoch", len(left), len(shards), left[0])
+    kept = {u for u, k in zip(shards, keep) if k}
+    return ([u for u, k in zip(shards, keep) if k], [s for s, k in zip(shard_sources, keep) if k],
+            [[u for u in urls if u in kept] for urls in sources])
+
+
 def get_wds_dataset(args, transforms: DataTransforms, epoch: int = 0, is_train: bool = True,
                     floor: bool = False) -> DataInfo:
     spec = args.train_data if is_train else getattr(args, "val_data", None)
@@ -679,6 +731,13 @@ def get_wds_dataset(args, transforms: DataTransforms, epoch: int = 0, is_train: 
     if missing:
         log.warning("webdataset: %d of %d shards do not exist (first: %s); they are skipped and counted",
                     len(missing), len(shards), missing[0])
+    key_format = getattr(args, "wds_key_format", "auto") or "auto"
+    if key_format not in ("auto", "key", "shard"):
+        raise UsageError(f"--wds-key-format {key_format!r}: expected auto, key or shard")
+    names = source_names(sources) if len(sources) > 1 and key_format != "key" else None  # of ALL sources: keys
+    cache = transforms.teacher_cache if is_train else None
+    if cache is not None and cache.missing == "skip":
+        shards, shard_sources, sources = _cached_shards(shards, shard_sources, sources, cache)
 
     resampled = bool(getattr(args, "dataset_resampled", False)) and is_train
     factors = parse_upsampling_factors(getattr(args, "train_data_upsampling_factors", None), len(sources)) \
@@ -687,10 +746,6 @@ def get_wds_dataset(args, transforms: DataTransforms, epoch: int = 0, is_train: 
         raise UsageError("--train-data-upsampling-factors needs --dataset-resampled (sampling shards with "
                          "replacement)")
     weights = [factors[s] for s in shard_sources] if factors else None
-    key_format = getattr(args, "wds_key_format", "auto") or "auto"
-    if key_format not in ("auto", "key", "shard"):
-        raise UsageError(f"--wds-key-format {key_format!r}: expected auto, key or shard")
-    names = source_names(sources) if len(sources) > 1 and key_format != "key" else None
 
     rank, world_size = _rank_world(args) if is_train else (0, 1)
     workers = max(0, int(getattr(args, "workers", 0) or 0))

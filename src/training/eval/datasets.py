@@ -14,6 +14,11 @@ Classification (zero-shot, linear probe) kinds and what PATH points at:
 | folder | class sub-folders + `classnames.txt` (+ `templates.txt`) | sorted folder order |
 | wds | CLIP_benchmark WebDataset (`classnames.txt`, `zeroshot_classification_templates.txt`, `test/*.tar`) | `.cls` |
 
+A bare PATH (or a NAME that is not a kind) is detected only when it matches a benchmark exactly: ImageNet-V2's
+folders `0`..`999`, the 1000 ImageNet-1k wnids, the 200 wnids of ImageNet-R or of ImageNet-A, or a folder with
+`classnames.txt`; anything else is refused with what to add. A detected kind is reported (`DatasetSpec.detected`).
+A named kind with only part of its classes is read, and `ClassificationSet.notes` says so.
+
 Retrieval kinds: `coco`, `flickr30k` (Karpathy JSON `dataset_coco.json` / `dataset_flickr30k.json`, split `test`,
 5 captions per image) and `csv` (tab-separated `filepath<TAB>title`, rows sharing a filepath are one image).
 """
@@ -161,6 +166,7 @@ class ClassificationSet:
     classnames: list[str]
     templates: list
     class_index: list[int] | None = None   # for 200-class ImageNet subsets: their indices among the 1000 classes
+    notes: list[str] = field(default_factory=list)  # what the caller must say out loud (a partial class set, ...)
 
     @property
     def num_classes(self) -> int:
@@ -192,6 +198,7 @@ class DatasetSpec:
     kind: str
     path: str
     root: str | None = None  # image root of a retrieval file (`NAME=FILE::ROOT`), else --data-root
+    detected: str | None = None  # why the kind was detected from PATH (None when NAME gave it); to be logged
 
     @property
     def is_retrieval(self) -> bool:
@@ -212,49 +219,101 @@ def _is_wnid_dir(path: str) -> bool:
     return bool(subs) and all(WNID_RE.match(s) for s in subs)
 
 
-def _is_numeric_dir(path: str) -> bool:
-    subs = _subdirs(path)
-    return bool(subs) and all(s.isdigit() for s in subs)
-
-
 def _first_existing(*paths: str) -> str | None:
     return next((p for p in paths if os.path.exists(p)), None)
 
 
-def detect_kind(path: str) -> str | None:
-    """Best guess of the format at `path` (None when nothing matches)."""
+ADD_CLASSNAMES = "add classnames.txt with one class name per line, in sorted folder order, or pass KIND=PATH"
+
+
+def _add_classnames(folders: list[str]) -> str:
+    """ADD_CLASSNAMES, plus the order spelled out when numbered folders sort as text differently than as numbers."""
+    if all(f.isdigit() for f in folders) and folders != sorted(folders, key=int):
+        shown = ", ".join(folders[:4])
+        return ADD_CLASSNAMES.replace("in sorted folder order", f"in sorted folder order (as text: {shown}, ...)")
+    return ADD_CLASSNAMES
+_IMAGENET_SUBDIRS = ("", "val", "sketch", "imagenet-r", "imagenet-a")
+
+
+def _span(folders: list[str]) -> str:
+    """'0..9' for numbered folders, else the first and last name."""
+    if all(f.isdigit() for f in folders):
+        nums = sorted(int(f) for f in folders)
+        return f"{nums[0]}..{nums[-1]}" if len(nums) > 1 else str(nums[0])
+    return f"{folders[0]} .. {folders[-1]}" if len(folders) > 1 else folders[0]
+
+
+def _wnid_benchmarks() -> list[tuple[str, str, set[str]]]:
+    return [("imagenet1k", "ImageNet-1k", set(T.imagenet_wnids())),
+            ("imagenet-r", "ImageNet-R", set(T.imagenet_subset_wnids("imagenet-r"))),
+            ("imagenet-a", "ImageNet-A", set(T.imagenet_subset_wnids("imagenet-a")))]
+
+
+def detect(path: str) -> tuple[str, str]:
+    """(kind, why) of the format at `path`. Class folders are taken for a benchmark only when they are exactly its
+    classes; otherwise DatasetError says what to add (a guess could score the wrong benchmark without a word)."""
     j = os.path.join
     if os.path.isfile(path):
         low = path.lower()
         if low.endswith(".json"):
             base = os.path.basename(low)
-            return "coco" if "coco" in base else "flickr30k" if "flickr" in base else "karpathy"
+            kind = "coco" if "coco" in base else "flickr30k" if "flickr" in base else "karpathy"
+            return kind, f"a Karpathy split JSON{'' if kind == 'karpathy' else f' named after {kind}'}"
         if low.endswith((".csv", ".tsv")):
-            return "csv"
-        return None
+            return "csv", "a .csv/.tsv caption file"
+        raise DatasetError(f"cannot detect the format of {path} (known dataset names: {', '.join(KINDS)})")
     if not os.path.isdir(path):
-        return None
+        raise DatasetError(f"cannot detect the format of {path}: not a file or folder")
     if os.path.isfile(j(path, "zeroshot_classification_templates.txt")) or (
             os.path.isfile(j(path, "classnames.txt")) and _wds_shards(path, "test", must=False)):
-        return "wds"
+        return "wds", "CLIP_benchmark WebDataset files (classnames.txt + .tar shards)"
     if os.path.isfile(j(path, "classnames.txt")) or os.path.isfile(j(path, "zeroshot", "classnames.txt")):
-        return "folder"
+        return "folder", "class folders with classnames.txt"
     if _first_existing(j(path, "cifar-10-batches-py"), j(path, "batches.meta"), j(path, "test_batch")):
-        return "cifar10"
+        return "cifar10", "CIFAR-10 python batches"
     if _first_existing(j(path, "cifar-100-python"), j(path, "meta")) and _first_existing(
             j(path, "cifar-100-python"), j(path, "test")):
-        return "cifar100"
+        return "cifar100", "CIFAR-100 python batches"
     if _first_existing(j(path, "stl10_binary"), j(path, "test_X.bin")):
-        return "stl10"
+        return "stl10", "STL-10 binary files"
     if os.path.isfile(j(path, "annotations", "test.txt")):
-        return "pets"
-    if _is_numeric_dir(path):
-        return "imagenetv2"
-    for sub in ("", "val"):
+        return "pets", "Oxford-IIIT Pet annotations/test.txt"
+    subs = _subdirs(path)
+    if subs and all(s.isdigit() for s in subs):
+        if set(subs) == {str(i) for i in range(1000)}:
+            return "imagenetv2", "1000 class folders 0..999 (ImageNet-V2 layout)"
+        raise DatasetError(f"{path}: {len(subs)} numbered class folders ({_span(subs)}) and no classnames.txt, so "
+                           f"the classes are unknown (ImageNet-V2 has the 1000 folders 0..999): {_add_classnames(subs)} "
+                           f"(e.g. imagenetv2=PATH for part of ImageNet-V2)")
+    for sub in _IMAGENET_SUBDIRS:
         d = j(path, sub) if sub else path
-        if _is_wnid_dir(d):
-            return "imagenet1k" if len(_subdirs(d)) >= 1000 else "imagenet-r"
-    return None
+        folders = _subdirs(d)
+        if not folders or not all(WNID_RE.match(f) for f in folders):
+            continue
+        got = set(folders)
+        for kind, label, wnids in _wnid_benchmarks():
+            if got == wnids:
+                if kind == "imagenet1k" and sub == "sketch":
+                    return "imagenet-sketch", f"the 1000 ImageNet wnid class folders in {d}"
+                same = " (ImageNet-Sketch has the same folders: pass imagenet-sketch=PATH)" if kind == "imagenet1k" \
+                    else ""
+                return kind, f"the {len(wnids)} wnid class folders of {label}{same}"
+        best = max(_wnid_benchmarks(), key=lambda b: len(got & b[2]))
+        raise DatasetError(f"{d}: {len(folders)} wnid class folders, not exactly the classes of ImageNet-1k (1000) or "
+                           f"of ImageNet-R / ImageNet-A (200 each; closest: {len(got & best[2])} of {best[1]}'s "
+                           f"{len(best[2])}): {ADD_CLASSNAMES} (imagenet1k, imagenet-sketch, imagenet-r, imagenet-a)")
+    if subs:
+        raise DatasetError(f"{path}: {len(subs)} class folders and no classnames.txt: {ADD_CLASSNAMES} (folder=PATH "
+                           f"takes the class names from the folder names)")
+    raise DatasetError(f"cannot detect the format of {path} (known dataset names: {', '.join(KINDS)})")
+
+
+def detect_kind(path: str) -> str | None:
+    """The kind `detect` finds at `path`, or None when nothing matches exactly."""
+    try:
+        return detect(path)[0]
+    except DatasetError:
+        return None
 
 
 def parse_dataset_specs(text: str | list[str] | None) -> list[DatasetSpec]:
@@ -275,18 +334,18 @@ def parse_dataset_specs(text: str | list[str] | None) -> list[DatasetSpec]:
         if not os.path.exists(path):
             raise DatasetError(f"dataset path not found: {path}" + (f" (for {name})" if name else ""))
         kind = canonical_kind(name) if name else None
+        detected = None
         if kind is None:
-            kind = detect_kind(path)
-            if kind is None:
-                what = f"unknown dataset '{name}' and " if name else ""
-                raise DatasetError(f"{what}cannot detect the format of {path} (known dataset names: "
-                                   f"{', '.join(KINDS)})")
+            try:
+                kind, detected = detect(path)
+            except DatasetError as exc:
+                raise DatasetError(f"unknown dataset '{name}', and {exc}" if name else str(exc)) from None
         label = name or kind
         taken = {s.name for s in specs}
         base, n = label, 2
         while label in taken:
             label, n = f"{base}-{n}", n + 1
-        specs.append(DatasetSpec(label, kind, path, os.path.expanduser(root) if root else None))
+        specs.append(DatasetSpec(label, kind, path, os.path.expanduser(root) if root else None, detected))
     return specs
 
 
@@ -347,7 +406,11 @@ def _load_imagenet(spec: DatasetSpec, split: str, wnids: list[str] | None) -> Cl
         if not folders or not all(f.isdigit() and int(f) < len(names) for f in folders):
             raise DatasetError(f"{spec.path}: expected ImageNet-V2 class folders 0..999")
         source = _folder_samples(spec.path, folders, [int(f) for f in folders])
-        return ClassificationSet(spec.name, spec.kind, spec.path, split, source, names, list(T.OPENAI_IMAGENET_TEMPLATES))
+        notes = [] if len(folders) == len(names) else [
+            f"{spec.path}: {len(folders)} of ImageNet-V2's {len(names)} class folders ({_span(folders)}); scored "
+            f"{len(names)}-way over these, not comparable to the full benchmark"]
+        return ClassificationSet(spec.name, spec.kind, spec.path, split, source, names, list(T.OPENAI_IMAGENET_TEMPLATES),
+                                 notes=notes)
     d = _imagenet_split_dir(spec.path, split)
     if d is None:
         raise DatasetError(f"{spec.path}: no ImageNet-style {split} folder of wnid sub-folders")
@@ -357,10 +420,23 @@ def _load_imagenet(spec: DatasetSpec, split: str, wnids: list[str] | None) -> Cl
         # Subset: labels are positions in the subset and the classifier holds only these classes, which is exactly
         # "restrict the 1000-way logits to the subset's columns".
         source = _folder_samples(d, folders, list(range(len(folders))))
+        known = {k: set(T.imagenet_subset_wnids(k)) for k in ("imagenet-r", "imagenet-a")}
+        label = {"imagenet-r": "ImageNet-R", "imagenet-a": "ImageNet-A"}
+        notes = []
+        if set(folders) != known[spec.kind]:
+            other = next((label[k] for k in known if k != spec.kind and set(folders) == known[k]), None)
+            outside = len(set(folders) - known[spec.kind])
+            notes.append(f"{d}: {len(folders)} wnid folders, not {label[spec.kind]}'s {len(known[spec.kind])} classes "
+                         f"({outside} outside it{f'; they are exactly {other} classes' if other else ''}); the "
+                         f"classifier holds only these {len(folders)} classes, not comparable to the benchmark")
         return ClassificationSet(spec.name, spec.kind, spec.path, split, source, [names[i] for i in index],
-                                 list(T.OPENAI_IMAGENET_TEMPLATES), class_index=index)
+                                 list(T.OPENAI_IMAGENET_TEMPLATES), class_index=index, notes=notes)
     source = _folder_samples(d, folders, index)
-    return ClassificationSet(spec.name, spec.kind, spec.path, split, source, names, list(T.OPENAI_IMAGENET_TEMPLATES))
+    notes = [] if len(set(index)) == len(names) else [
+        f"{d}: {len(folders)} of the {len(names)} ImageNet class folders; scored {len(names)}-way over these, not "
+        f"comparable to the full benchmark"]
+    return ClassificationSet(spec.name, spec.kind, spec.path, split, source, names, list(T.OPENAI_IMAGENET_TEMPLATES),
+                             notes=notes)
 
 
 # ---- CIFAR, STL-10, Pets -----------------------------------------------------------------------------------------
@@ -474,13 +550,25 @@ def _load_folder(spec: DatasetSpec, split: str) -> ClassificationSet:
     if not folders:
         raise DatasetError(f"{d}: no class sub-folders")
     names_file = _first_existing(os.path.join(d, "classnames.txt"), os.path.join(root, "classnames.txt"))
-    classnames = T.read_classnames(names_file) if names_file else [f.replace("_", " ") for f in folders]
+    notes = []
+    if names_file:
+        classnames = T.read_classnames(names_file)
+        if all(f.isdigit() for f in folders) and folders != sorted(folders, key=int):
+            notes.append(f"{d}: labels follow the text order of the numbered folders ({', '.join(folders[:4])}, ...): "
+                         f"line k of {os.path.basename(names_file)} names the k-th of them")
+    elif all(f.isdigit() or WNID_RE.match(f) for f in folders):  # ids, not names: prompts of "a photo of a 3."
+        raise DatasetError(f"{d}: class folders {_span(folders)} and no classnames.txt, so the classes are unknown: "
+                           f"{_add_classnames(folders)} (imagenetv2, imagenet1k, imagenet-r, ... for those benchmarks)")
+    else:
+        classnames = [f.replace("_", " ") for f in folders]
+        notes.append(f"{d}: no classnames.txt, class names from the folder names ({', '.join(classnames[:3])}"
+                     f"{', ...' if len(classnames) > 3 else ''})")
     if len(classnames) != len(folders):
         raise DatasetError(f"{names_file}: {len(classnames)} class names for {len(folders)} class folders in {d}")
     tpl_file = _first_existing(os.path.join(d, "templates.txt"), os.path.join(root, "templates.txt"))
     templates = T.read_templates(tpl_file) if tpl_file else list(T.OPENAI_IMAGENET_TEMPLATES)
     source = _folder_samples(d, folders, list(range(len(folders))))
-    return ClassificationSet(spec.name, spec.kind, spec.path, split, source, classnames, templates)
+    return ClassificationSet(spec.name, spec.kind, spec.path, split, source, classnames, templates, notes=notes)
 
 
 def _wds_shards(path: str, split: str, must: bool = True) -> list[str]:

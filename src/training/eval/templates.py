@@ -65,6 +65,14 @@ def imagenet_wnids() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def imagenet_subset_wnids(kind: str) -> list[str]:
+    """The 200 sorted wnids of ImageNet-R (`imagenet-r`) or ImageNet-A (`imagenet-a`), shipped with the package (timm's
+    `imagenet_r_synsets.txt` / `imagenet_a_synsets.txt`)."""
+    name = {"imagenet-r": "imagenet_r_wnids.txt", "imagenet-a": "imagenet_a_wnids.txt"}[kind]
+    text = resources.files("training.eval").joinpath(name).read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def imagenet_classnames() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
