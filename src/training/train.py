@@ -67,7 +67,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "world_size": self.env.world_size,
             "nonfinite_total": self.nonfinite_total,
-            "skipped": dict(self.skipped),
+            "skipped": distributed.sum_counters(self.skipped),  # the run's totals (collective)
             "rng": distributed.gather_objects(rng_state(self.env.device)),  # each rank's own generators
             "args": {k: v for k, v in vars(self.args).items() if isinstance(v, (str, int, float, bool, list, dict,
                                                                                   type(None)))},
@@ -81,7 +81,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.skipped = Counter(state.get("skipped", {}))
+        # the saved totals live on rank 0 again: logging sums the ranks' counters
+        self.skipped = Counter(state.get("skipped", {})) if self.env.rank == 0 else Counter()
 
 
 def teacher_outputs(trainer: Trainer, batch: dict, image: torch.Tensor, text: torch.Tensor) -> dict:
