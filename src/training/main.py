@@ -191,7 +191,8 @@ def run(argv=None) -> int:
         completed = trainer.epoch + 1
         trainer.epoch, trainer.batch_in_epoch = completed, 0
         stop = args.max_steps is not None and trainer.step >= args.max_steps
-        if completed % args.save_frequency == 0 or completed == args.epochs or stop:
+        periodic = args.save_frequency > 0 and completed % args.save_frequency == 0  # 0: no periodic epoch saves
+        if periodic or completed == args.epochs or stop:  # the final epoch is always saved (resume, export)
             save(f"epoch_{completed}.pt")
         with trainer.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
             results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
