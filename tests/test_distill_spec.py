@@ -13,7 +13,8 @@ from training.distill import (
     parse_spec,
     resolve_spec,
 )
-from training.params import parse_args
+from training.distill.spec import check_combinations
+from training.params import UsageError, parse_args
 
 
 def test_parse_spec_weights_and_bare_terms():
@@ -146,3 +147,34 @@ def test_parse_feat_layers():
     for bad in ("0-1", "a:1", "image:0", "audio:0:1"):
         with pytest.raises(DistillSpecError, match="feat-layers"):
             parse_feat_layers(bad)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--distill", "task=1,mfd=1,feat=1"],
+    ["--distill", "task=1,mfd=1@from:100,feat=1"],  # scheduled terms count: the student forward is masked from step 0
+    ["--distill", "mfd=1,feat=1", "--feat-layers", "image:0:1"],
+    ["--distill", "mfd=1,feat=1", "--feat-layers", "0:1"],  # a bare pair applies to both towers
+    ["--recipe", "clip-kd", "--distill", "fd=1,mfd=1,feat=2"],
+])
+def test_mfd_with_image_feat_is_refused_at_parse_time(flags):
+    with pytest.raises(DistillSpecError) as info:
+        parse_args(flags)
+    msg = str(info.value)
+    assert "mfd and feat" in msg and "--feat-layers text:" in msg and "\n" not in msg
+    assert isinstance(info.value, UsageError)  # every entry point prints it as one line, exit 2
+
+
+def test_combinations_that_can_run():
+    for flags in (["--distill", "mfd=1,feat=1", "--feat-layers", "text:0:1"],
+                  ["--distill", "mfd=0,feat=1"], ["--distill", "mfd=1,fd=1"], ["--distill", "feat=1"]):
+        parse_args(flags)
+    check_combinations(parse_spec("mfd=1,feat=1"), "t:0:1,text:-1:-1")
+    with pytest.raises(DistillSpecError, match="mfd and feat"):
+        check_combinations(parse_spec("mfd=1,feat=1"), None)
+
+
+def test_bad_spec_fails_at_parse_time():
+    with pytest.raises(DistillSpecError, match="unknown distillation term 'bogus'"):
+        parse_args(["--distill", "task=1,bogus=1"])
+    with pytest.raises(DistillSpecError, match="feat-layers"):
+        parse_args(["--distill", "feat=1", "--feat-layers", "0-1"])

@@ -1,6 +1,7 @@
 """Shipped configs build and run; checkpoints load in every common format; the teacher is frozen."""
 
 import argparse
+import json
 import os
 
 import open_clip
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 import training  # noqa: F401  (registers the project's model configs)
-from training.models import Teacher, create_clip, load_weights, read_state_dict, resolve_model_name
-from training.params import UsageError
+from training.models import Teacher, create_clip, load_weights, lock_towers, read_state_dict, resolve_model_name
+from training.params import UsageError, parse_args
 
 SHIPPED = ["ViT-T-16", "timm-resnet18", "timm-mobilevit_s", "timm-swin_tiny_patch4_window7_224",
            "timm-mobilenetv3_small_100", "timm-efficientnet_b0"]
@@ -83,12 +84,94 @@ def test_bad_model_and_checkpoint_errors(tmp_path):
 def test_json_config_is_registered(tmp_path):
     cfg = open_clip.get_model_config("tiny-student")
     path = tmp_path / "my_student.json"
-    import json
-
     path.write_text(json.dumps(cfg))
     assert resolve_model_name(str(path)) == "my_student"
     assert "my_student" in open_clip.list_models()
     assert os.path.splitext(path.name)[0] == "my_student"
+
+
+GOOD = json.dumps(open_clip.get_model_config("tiny-student"))
+
+
+@pytest.mark.parametrize("stem, content, message", [
+    ("truncated", GOOD[:40], "is not valid JSON"),
+    ("empty", "", "is not valid JSON"),
+    ("a_list", "[1, 2]", "expected a JSON object, got list"),
+    ("a_number", "3", "expected a JSON object, got int"),
+    ("no_text", json.dumps({"embed_dim": 64, "vision_cfg": {}}), "lacks text_cfg"),
+    ("tiny-teacher", json.dumps({"embed_dim": 64}), "lacks vision_cfg, text_cfg"),  # shadows a known config
+    ("bad_types", json.dumps({"embed_dim": 64, "vision_cfg": [], "text_cfg": {}}), "vision_cfg must be an object"),
+    ("latin1", b"\xff\xfe{", "cannot read"),
+])
+def test_bad_json_configs_give_one_line_naming_the_file(tmp_path, stem, content, message):
+    path = tmp_path / f"{stem}.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UsageError) as info:
+        resolve_model_name(str(path))
+    msg = str(info.value)
+    assert str(path) in msg and message in msg and "\n" not in msg, msg
+    # the bad file is not left registered: later configs still register and the shadowed name is untouched
+    assert open_clip.get_model_config("tiny-teacher")["embed_dim"] == 128
+    good = tmp_path / "fine_student.json"
+    good.write_text(GOOD)
+    assert resolve_model_name(str(good)) == "fine_student"
+
+
+def test_missing_or_unreadable_json_config(tmp_path):
+    with pytest.raises(UsageError, match="model config not found: .*nope.json"):
+        resolve_model_name(str(tmp_path / "nope.json"))
+    (tmp_path / "adir.json").mkdir()
+    with pytest.raises(UsageError, match="adir.json is not a file"):
+        resolve_model_name(str(tmp_path / "adir.json"))
+
+
+def _trainable(module):
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_lock_towers_follow_open_clip():
+    def student(*flags):
+        clip = create_clip("tiny-student", None, torch.device("cpu"))
+        lock_towers(clip, parse_args(list(flags)))
+        return clip
+
+    everything = _trainable(create_clip("tiny-student", None, torch.device("cpu")))
+    image = {n for n in everything if n.startswith("visual.")}
+    assert _trainable(student()) == everything
+    assert _trainable(student("--lock-image")) == everything - image
+    # groups of open_clip's ViT: stem, blocks but the last, (last block + ln_post), proj
+    assert _trainable(student("--lock-image", "--lock-image-unlocked-groups", "1")) == everything - image | {
+        "visual.proj"}
+    last = {n for n in image if n.startswith(("visual.transformer.resblocks.1.", "visual.ln_post.", "visual.proj"))}
+    assert _trainable(student("--lock-image", "--lock-image-unlocked-groups", "2")) == everything - image | last
+    text = everything - image - {"logit_scale"}
+    assert _trainable(student("--lock-text")) == everything - text
+    assert _trainable(student("--lock-text", "--lock-text-unlocked-layers", "1")) == everything - text | {
+        "text_projection"}
+    assert _trainable(student("--lock-image", "--lock-text")) == {"logit_scale"}
+
+
+def test_lock_freeze_bn_stats_on_a_timm_tower():
+    clip = create_clip("tiny-student-rn", None, torch.device("cpu"))
+    lock_towers(clip, parse_args(["--lock-image", "--lock-image-freeze-bn-stats"]))
+    assert not any(n.startswith("visual.trunk.") for n in _trainable(clip))
+    assert "visual.head.proj.weight" in _trainable(clip)  # open_clip's timm lock freezes the trunk only
+    bn = [m for m in clip.visual.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert not bn  # replaced by FrozenBatchNorm2d: running stats no longer update in train mode
+
+
+def test_a_tower_that_cannot_be_locked_gives_one_line(tmp_path):
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
+           "text_cfg": open_clip.get_model_config("tiny-student")["text_cfg"]}
+    path = tmp_path / "tiny_modified_resnet.json"
+    path.write_text(json.dumps(cfg))
+    clip = create_clip(str(path), None, torch.device("cpu"))
+    with pytest.raises(UsageError) as info:
+        lock_towers(clip, parse_args(["--lock-image", "--lock-image-unlocked-groups", "1"]))
+    msg = str(info.value)
+    assert "--lock-image" in msg and "ModifiedResNet" in msg and "partial locking" in msg and "\n" not in msg
+    lock_towers(clip, parse_args(["--lock-image"]))  # the whole tower locks fine
+    assert not any(n.startswith("visual.") for n in _trainable(clip))
 
 
 def test_teacher_is_frozen_and_stays_in_eval():

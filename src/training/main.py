@@ -228,7 +228,8 @@ def run(argv=None) -> int:
         completed = trainer.epoch + 1
         trainer.epoch, trainer.batch_in_epoch = completed, 0
         stop = args.max_steps is not None and trainer.step >= args.max_steps
-        if completed % args.save_frequency == 0 or completed == args.epochs or stop:
+        periodic = args.save_frequency > 0 and completed % args.save_frequency == 0  # 0: no periodic epoch saves
+        if periodic or completed == args.epochs or stop:  # the final epoch is always saved (resume, export)
             save(f"epoch_{completed}.pt")
         with trainer.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
             results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
@@ -255,11 +256,6 @@ def main(argv=None) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:  # DistillSpecError and other input errors raised by libraries below us
-        if type(exc).__name__ in ("DistillSpecError",):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

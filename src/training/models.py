@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,17 +18,47 @@ from torch import nn
 from .data.transforms import ImageFormat
 from .params import UsageError
 
+CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def check_model_config(path: str) -> None:
+    """Raise a one-line UsageError naming `path` unless it is a readable open_clip model config.
+
+    Checked before open_clip sees the file: open_clip keeps every added path and re-reads them all on each later
+    add, so a bad file would break every later registration; a file lacking keys would be skipped silently and its
+    name could resolve to a shipped config of the same name."""
+    if not os.path.exists(path):
+        raise UsageError(f"model config not found: {path}")
+    if not os.path.isfile(path):
+        raise UsageError(f"model config {path} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"model config {path} is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
+                         ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read model config {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"model config {path} is not an open_clip model config: expected a JSON object, "
+                         f"got {type(cfg).__name__}")
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise UsageError(f"model config {path} lacks {', '.join(missing)} (an open_clip model config needs "
+                         f"{', '.join(CONFIG_KEYS)})")
+    for key in ("vision_cfg", "text_cfg"):
+        if not isinstance(cfg[key], dict):
+            raise UsageError(f"model config {path}: {key} must be an object, got {type(cfg[key]).__name__}")
+    if isinstance(cfg["embed_dim"], bool) or not isinstance(cfg["embed_dim"], int) or cfg["embed_dim"] < 1:
+        raise UsageError(f"model config {path}: embed_dim must be a positive integer, got {cfg['embed_dim']!r}")
+
 
 def resolve_model_name(name: str) -> str:
     """An open_clip model name for `name`: a known config, or a JSON config path registered on the fly."""
     if name.endswith(".json"):
-        if not os.path.isfile(name):
-            raise UsageError(f"model config not found: {name}")
+        check_model_config(name)
         open_clip.add_model_config(name)  # every rank calls this, so all ranks know the architecture
-        stem = os.path.splitext(os.path.basename(name))[0]
-        if stem not in open_clip.list_models():
-            raise UsageError(f"{name} is not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)")
-        return stem
+        return os.path.splitext(os.path.basename(name))[0]
     if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
         return name
     close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
@@ -131,6 +162,31 @@ def _bundle(model: nn.Module) -> ModelBundle:
                        int(getattr(tokenizer, "context_length", getattr(model, "context_length", 77))))
 
 
+def lock_towers(clip: nn.Module, args) -> None:
+    """--lock-image / --lock-text as in open_clip_train, with the model's own lock methods: locked parameters get
+    requires_grad False, so the optimizer groups (main.param_groups) leave them out."""
+    def lock(flag: str, what: str, tower: nn.Module, do) -> None:
+        try:
+            do()
+        except Exception as exc:  # open_clip asserts / raises for towers it cannot (partially) lock
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{flag}: cannot lock the student's {what} tower ({type(tower).__name__}): {reason}"
+                             ) from exc
+
+    if args.lock_image:
+        lock("--lock-image", "image", clip.visual, lambda: clip.lock_image_tower(
+            unlocked_groups=args.lock_image_unlocked_groups, freeze_bn_stats=args.lock_image_freeze_bn_stats))
+    if args.lock_text:
+        # open_clip's CLIP always freezes LayerNorm with its layers (it asserts when asked not to)
+        freeze_ln = args.lock_text_freeze_layer_norm or isinstance(clip, open_clip.CLIP)
+        lock("--lock-text", "text", getattr(clip, "text", clip), lambda: clip.lock_text_tower(
+            unlocked_layers=args.lock_text_unlocked_layers, freeze_layer_norm=freeze_ln))
+    if args.lock_image or args.lock_text:
+        params = list(clip.parameters())
+        logging.info("locked student towers: %d of %d parameter tensors stay trainable",
+                     sum(p.requires_grad for p in params), len(params))
+
+
 def create_student(args, device: torch.device, low_precision: str | None = None) -> ModelBundle:
     """low_precision "bf16": built the way open_clip builds --precision bf16 (bf16 weights, fp32 LayerNorms and
     logit scale); for the engines that do not cast the weights themselves (DDP, Horovod)."""
@@ -140,6 +196,7 @@ def create_student(args, device: torch.device, low_precision: str | None = None)
     if low_precision:
         kwargs["precision"] = low_precision
     clip = create_clip(args.model, args.pretrained, device, **kwargs)
+    lock_towers(clip, args)
     if args.grad_checkpointing:
         clip.set_grad_checkpointing(True)
     return _bundle(clip)

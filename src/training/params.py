@@ -6,18 +6,41 @@ Each section belongs to one concern; validation that needs more than argparse li
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
+
+log = logging.getLogger(__name__)  # no basicConfig at parse time: main's setup_logging configures the root later
 
 
 class UsageError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage + message; the entry points print one line instead
+        raise UsageError(" ".join(message.split()))
+
+
 def _comma_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+    return value
+
+
+def _report_to(value: str) -> str:
+    unknown = [v for v in _comma_list(value) if v != "tensorboard"]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unsupported {', '.join(map(repr, unknown))} (supported: tensorboard)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m training.main",
         description="Distil a frozen teacher CLIP into a student CLIP (open_clip models).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -34,7 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force-image-size", type=int, default=None, help="override the student's image size")
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the student")
     g.add_argument("--torchcompile", action="store_true", help="torch.compile the student")
-    g.add_argument("--lock-image", action="store_true", help=argparse.SUPPRESS)
+    # tower locking: open_clip_train's flags, applied by the student's own lock_image_tower / lock_text_tower
+    g.add_argument("--lock-image", action="store_true", help="lock the full student image tower (no gradients)")
+    g.add_argument("--lock-image-unlocked-groups", type=int, default=0,
+                   help="with --lock-image: leave the last N image tower layer groups unlocked")
+    g.add_argument("--lock-image-freeze-bn-stats", action="store_true",
+                   help="with --lock-image: freeze BatchNorm running stats of the locked layers")
+    g.add_argument("--lock-text", action="store_true", help="lock the full student text tower (no gradients)")
+    g.add_argument("--lock-text-unlocked-layers", type=int, default=0,
+                   help="with --lock-text: leave the last N text tower layer groups unlocked")
+    g.add_argument("--lock-text-freeze-layer-norm", action="store_true",
+                   help="with --lock-text: also freeze LayerNorm of the locked layers (HF text towers; open_clip's "
+                        "own text transformer always freezes them)")
 
     # ---- distillation -------------------------------------------------------------------------------------
     g = p.add_argument_group("distillation")
@@ -147,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- distributed --------------------------------------------------------------------------------------
     g = p.add_argument_group("distributed")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--dist-url", default="env://")
     g.add_argument("--local-loss", action="store_true",
@@ -161,10 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="root of run folders; '' disables logging and checkpoints. Under torchrun >= 2.6 spell it "
                         "--logs-dir: torchrun's own parser rejects --logs as an abbreviation of its --logs-specs")
     g.add_argument("--name", default=None, help="run folder name (default: a timestamp and the models)")
-    g.add_argument("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs")
+    g.add_argument("--save-frequency", type=int, default=1,
+                   help="save a checkpoint every N epochs; 0: none but the final epoch's (always saved, so the run "
+                        "can be resumed or exported)")
     g.add_argument("--save-every-n-steps", type=int, default=None, help="also save mid-epoch every N steps")
     g.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
-    g.add_argument("--report-to", default="", help="'tensorboard' or ''")
+    g.add_argument("--report-to", type=_report_to, default="", help="'tensorboard' or ''")
     g.add_argument("--log-every-n-steps", type=int, default=100)
     g.add_argument("--zeroshot-frequency", type=int, default=1, help="zero-shot eval every N epochs (0: never)")
     g.add_argument("--val-frequency", type=int, default=1, help="retrieval eval every N epochs (0: never)")
@@ -185,9 +221,104 @@ def alias_weights(args: argparse.Namespace) -> dict[str, float]:
     return {term: getattr(args, flag) for flag, term in alias_terms.items() if getattr(args, flag) is not None}
 
 
+# Allowed values of every int/float flag (dest: interval; "inf" = unbounded). A flag left unset (None) is not
+# checked; NaN and infinities are outside every interval. tests/test_cli.py checks that no numeric flag is missing.
+RANGES: dict[str, str] = {
+    # student and teacher
+    "force_image_size": "[1, inf)",
+    "lock_image_unlocked_groups": "[0, inf)",
+    "lock_text_unlocked_layers": "[0, inf)",
+    # distillation
+    "alpha_ckd_loss": "[0, inf)", "alpha_icl_loss": "[0, inf)", "alpha_fd_loss": "[0, inf)",
+    "alpha_gd_loss": "[0, inf)", "alpha_afd_loss": "[0, inf)",
+    "kd_temperature": "(0, inf)",
+    "teacher_logit_scale": "(0, inf)",
+    "student_kd_logit_scale": "(0, inf)",
+    "mask_ratio": "[0, 1)",
+    "kd_teacher_member": "[0, inf)",
+    # data
+    "train_num_samples": "[1, inf)",
+    "val_num_samples": "[1, inf)",
+    "synthetic_num_samples": "[1, inf)",
+    "workers": "[0, inf)",
+    "wds_shuffle_buffer": "[1, inf)",  # 1 = no shuffling
+    # optimisation
+    "batch_size": "[1, inf)",
+    "epochs": "[1, inf)",
+    "lr": "(0, inf)",
+    "wd": "[0, inf)",
+    "beta1": "[0, 1)",
+    "beta2": "[0, 1)",
+    "eps": "(0, inf)",
+    "warmup": "[0, inf)",
+    "grad_clip_norm": "(0, inf)",
+    "max_nonfinite_steps": "[1, inf)",
+    "seed": "[0, 4294967295]",  # numpy's seed range
+    "max_steps": "[1, inf)",
+    "accum_freq": "[1, inf)",
+    # logging, checkpoints, evaluation (a frequency of 0 means never)
+    "save_frequency": "[0, inf)",
+    "save_every_n_steps": "[1, inf)",
+    "log_every_n_steps": "[1, inf)",
+    "zeroshot_frequency": "[0, inf)",
+    "val_frequency": "[0, inf)",
+    "eval_frequency": "[0, inf)",
+}
+
+# sub-option -> the flag it needs (without it the sub-option would be ignored silently)
+NEEDS = {"lock_image_unlocked_groups": "lock_image", "lock_image_freeze_bn_stats": "lock_image",
+         "lock_text_unlocked_layers": "lock_text", "lock_text_freeze_layer_norm": "lock_text",
+         "teacher_pretrained": "teacher", "train_data_upsampling_factors": "dataset_resampled"}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_range(dest: str, value) -> None:
+    """Raise UsageError unless `value` lies in RANGES[dest]."""
+    interval = RANGES[dest]
+    low, high = (float(v) for v in interval[1:-1].split(","))
+    ok = (low < value or (interval[0] == "[" and value == low)) and (value < high or (interval[-1] == "]" and
+                                                                                      value == high))
+    if not ok:  # also false for NaN
+        allowed = f"{'>=' if interval[0] == '[' else '>'} {low:g}" if high == float("inf") else f"in {interval}"
+        shown = f"{value:g}" if isinstance(value, float) else value
+        raise UsageError(f"{_flag(dest)} must be {allowed}, got {shown}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Start-up checks of the flags that need more than argparse; each failure is one UsageError line."""
+    for dest in RANGES:
+        if getattr(args, dest, None) is not None:
+            check_range(dest, getattr(args, dest))
+    for dest, needed in NEEDS.items():
+        if getattr(args, dest) and not getattr(args, needed):  # given a non-default (0 / off) value
+            raise UsageError(f"{_flag(dest)} needs {_flag(needed)}")
+    if args.teacher is not None and not args.teacher_list:
+        raise UsageError(f"--teacher {args.teacher!r} names no model")
+    if args.name and (os.path.isabs(args.name) or ".." in args.name.replace("\\", "/").split("/")):
+        raise UsageError(f"--name {args.name!r} must stay inside --logs (no absolute path, no '..')")
+    if args.kd_teacher_member is not None and args.teacher_list and args.kd_teacher_member >= len(args.teacher_list):
+        raise UsageError(f"--kd-teacher-member {args.kd_teacher_member} is out of range for "
+                         f"{len(args.teacher_list)} --teacher model(s) (members count from 0)")
+    if (args.lock_image or args.lock_text) and args.deepspeed:  # parallel.py saves optimizer state of every parameter
+        raise UsageError("--lock-image / --lock-text do not work with --deepspeed yet (saving the optimizer state of "
+                         "frozen parameters fails); use --fsdp or plain/DDP training")
+    if args.local_loss and not args.gather_with_grad:
+        log.warning("--local-loss without --gather-with-grad: with more than one process the gradient through the "
+                    "other ranks' features (the logit columns) is dropped, as in open_clip; add --gather-with-grad "
+                    "for exact gradients")
+    from .distill.spec import check_combinations, resolve_spec
+
+    spec = resolve_spec(args.distill, args.recipe, args.distill_overrides)  # a bad spec fails before any model loads
+    check_combinations(spec.terms, args.feat_layers)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.distill_overrides = alias_weights(args)
     args.teacher_list = _comma_list(args.teacher) if args.teacher else []
     args.teacher_pretrained_list = _comma_list(args.teacher_pretrained) if args.teacher_pretrained else []
+    validate_args(args)
     return args

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..params import UsageError
+
 # term name -> one-line description (the order is the order of the output dict)
 TERMS: dict[str, str] = {
     "task": "CLIP InfoNCE of the student on ground-truth pairs",
@@ -39,8 +41,10 @@ EMB_METRICS = ("mse", "l1", "smooth_l1", "cosine")
 SYNTAX = "term=weight[@warmup:a:b|@from:k],... (e.g. \"task=1,crd=1,icl=1,fd=2000@warmup:0:5000\")"
 
 
-class DistillSpecError(ValueError):
-    """A bad --distill spec, recipe or distillation option; the message is one line and lists the valid terms."""
+class DistillSpecError(UsageError):
+    """A bad --distill spec, recipe or distillation option; the message is one line and lists the valid terms.
+
+    A UsageError, so every entry point (training, cache building, evaluation) prints it as one line, exit 2."""
 
     def __init__(self, message: str):
         message = " ".join(str(message).split())  # always one line
@@ -254,3 +258,15 @@ def parse_feat_layers(text: str | None) -> dict[str, list[tuple[int, int]]] | No
         for tower in towers:
             out.setdefault(tower, []).append(pair)
     return out
+
+
+def check_combinations(terms: dict[str, WeightSchedule], feat_layers: str | None = None) -> None:
+    """Refuse, before any model is built, term combinations the trainer cannot run (they would fail at step 1)."""
+    towers = parse_feat_layers(feat_layers)  # a bad --feat-layers fails at start-up too
+    active = {name for name, sched in terms.items() if sched.active}
+    # mfd masks the student's one image forward (from step 0, whatever its schedule); feat's image tokens must come
+    # from the unmasked image. The default feat pairs cover both towers.
+    if {"mfd", "feat"} <= active and (towers is None or "image" in towers):
+        raise DistillSpecError("mfd and feat cannot share the student image forward: mfd masks it and feat needs the "
+                               "unmasked image tokens; distil text tokens only (--feat-layers text:s:t,...) or drop "
+                               "one of the two terms")
