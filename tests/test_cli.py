@@ -117,7 +117,6 @@ def test_every_numeric_flag_has_a_range():
     (["--lock-text-freeze-layer-norm"], "--lock-text-freeze-layer-norm needs --lock-text"),
     (["--teacher", "tiny-teacher", "--kd-teacher-member", "1"],
      "--kd-teacher-member 1 is out of range for 1 --teacher model(s)"),
-    (["--lock-image", "--deepspeed", "zero2.json"], "do not work with --deepspeed"),
     (["--teacher-pretrained", "t.pt"], "--teacher-pretrained needs --teacher"),
     (["--train-data-upsampling-factors", "1::2"], "--train-data-upsampling-factors needs --dataset-resampled"),
     (["--teacher", " , "], "--teacher ' , ' names no model"),

@@ -209,6 +209,16 @@ def test_resume_with_another_global_batch_is_refused_in_one_line(world, capsys):
     assert len(err) == 1 and "global batch is 8" in err[0] and "is 4" in err[0], err
     assert main(argv(world, "gb", "--resume", "latest", "--seed", "3", batch_size=8)) == 2
     assert "--seed" in capsys.readouterr().err
+    assert main(argv(world, "gb", "--resume", "latest", "--lock-image", batch_size=8)) == 2  # other optimizer groups
+    assert "--lock-image" in capsys.readouterr().err
+
+
+def test_an_unwritable_run_folder_is_one_line(world, capsys):
+    args_list = argv(world, "x", batch_size=8)
+    args_list[args_list.index("--logs") + 1] = "/proc/no-such-place"
+    assert main(args_list) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the run folder" in err[0]
 
 
 def test_resume_at_the_same_global_batch_says_what_changed(world):
@@ -267,3 +277,24 @@ def test_a_stop_request_checkpoints_the_step_and_resume_continues_exactly(world,
     for part in ("model", "loss"):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), (part, k)
+
+
+# ---- locked towers under DeepSpeed: the frozen parameters have no optimizer state ---------------------------------
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("deepspeed"), reason="deepspeed is not installed")
+def test_a_locked_tower_under_deepspeed_saves_and_resumes(world):
+    config = world["root"] / "zero2.json"
+    config.write_text('{"zero_optimization": {"stage": 2}}')
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    base = [sys.executable, "-m", "training.main",
+            *argv(world, "ds-lock", "--deepspeed", str(config), "--lock-image", batch_size=4)]
+    for extra in (["--max-steps", "2"], ["--max-steps", "3", "--resume", "latest"]):
+        result = subprocess.run(base + extra, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = world["root"] / "logs" / "ds-lock" / "checkpoints"
+    before = torch.load(ckpt / "step_2.pt", weights_only=True)
+    after = torch.load(ckpt / "step_3.pt", weights_only=True)
+    assert after["step"] == 3
+    visual = [k for k in before["model"] if k.startswith("visual.")]
+    assert visual and all(torch.equal(before["model"][k], after["model"][k]) for k in visual)  # locked: unchanged
+    assert any(not torch.equal(before["model"][k], after["model"][k]) for k in before["model"] if k.startswith("transformer."))

@@ -86,7 +86,11 @@ def restore_rank_rng(saved, rank: int, world_size: int, device: torch.device | N
 
 # What a resume may not change: each of these moves the data position or the LR schedule away from where the
 # checkpoint stopped (the global batch is per-process batch x processes x --accum-freq).
-_FIXED_ON_RESUME = {"dataset_type": "--dataset-type", "seed": "--seed", "train_num_samples": "--train-num-samples"}
+_FIXED_ON_RESUME = {"dataset_type": "--dataset-type", "seed": "--seed", "train_num_samples": "--train-num-samples",
+                    # which parameters the optimizer holds: its saved state would not fit
+                    "lock_image": "--lock-image", "lock_image_unlocked_groups": "--lock-image-unlocked-groups",
+                    "lock_text": "--lock-text", "lock_text_unlocked_layers": "--lock-text-unlocked-layers",
+                    "model": "--model"}
 # What it may change, said out loud: the run goes on from the same data position, but not as it would have.
 _NOTED_ON_RESUME = {"epochs": "--epochs (the LR schedule now spans the new total)", "lr": "--lr", "warmup": "--warmup",
                     "lr_scheduler": "--lr-scheduler", "wd": "--wd", "distill": "--distill", "recipe": "--recipe",

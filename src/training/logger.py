@@ -10,8 +10,14 @@ import sys
 def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file and is_master:
-        os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        try:
+            os.makedirs(os.path.dirname(log_file), exist_ok=True)
+            handlers.append(logging.FileHandler(log_file))
+        except OSError as exc:
+            from .params import UsageError
+
+            raise UsageError(f"cannot write the run folder {os.path.dirname(log_file)} (--logs): "
+                             f"{exc.strerror or exc}") from exc
     logging.basicConfig(level=level if is_master else logging.WARNING, handlers=handlers, force=True,
                         format="%(asctime)s | %(levelname)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 

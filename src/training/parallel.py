@@ -501,6 +501,7 @@ class DeepSpeedEngine(_SideOptimizerEngine):
             raise UsageError(f"--deepspeed needs DeepSpeed (pip install deepspeed; docs/scale_out.md): {exc}") from exc
 
         self.config = deepspeed_config(self.args, self.env.world_size)
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # one process without a launcher
         with _broadcast_scalars_ourselves():
             engine, ds_optimizer, _, _ = deepspeed.initialize(model=self.student_model, optimizer=optimizer,
                                                               config=self.config, dist_init_required=False)
@@ -648,6 +649,8 @@ class DeepSpeedEngine(_SideOptimizerEngine):
         self._link_optimizer_state()
         out = {}
         for p in self.student.parameters():
+            if not p.requires_grad:  # a locked tower (--lock-image/--lock-text): not in the optimizer
+                continue
             entry = {"step": first["step"].detach().cpu().clone()} if "step" in first else {}
             for k in keys:
                 full = safe_get_full_optimizer_state(p, k)

@@ -302,9 +302,6 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.kd_teacher_member is not None and args.teacher_list and args.kd_teacher_member >= len(args.teacher_list):
         raise UsageError(f"--kd-teacher-member {args.kd_teacher_member} is out of range for "
                          f"{len(args.teacher_list)} --teacher model(s) (members count from 0)")
-    if (args.lock_image or args.lock_text) and args.deepspeed:  # parallel.py saves optimizer state of every parameter
-        raise UsageError("--lock-image / --lock-text do not work with --deepspeed yet (saving the optimizer state of "
-                         "frozen parameters fails); use --fsdp or plain/DDP training")
     if args.local_loss and not args.gather_with_grad:
         log.warning("--local-loss without --gather-with-grad: with more than one process the gradient through the "
                     "other ranks' features (the logit columns) is dropped, as in open_clip; add --gather-with-grad "
