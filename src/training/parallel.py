@@ -775,6 +775,11 @@ class HorovodEngine(_SideOptimizerEngine):
         return self.hvd.DistributedOptimizer(optimizer, named_parameters=self.student_model.named_parameters(),
                                              backward_passes_per_step=getattr(self.args, "accum_freq", 1))
 
+    def zero_grad(self) -> None:
+        self.student_optimizer.zero_grad()  # Horovod's takes no set_to_none (it sets gradients to None)
+        if self.side_optimizer is not None:
+            self.side_optimizer.zero_grad(set_to_none=True)
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         self.student_optimizer.synchronize()
         self._synchronized = True
