@@ -87,4 +87,6 @@ def test_slurm_scripts_declare_requeue_and_a_graceful_signal():
         text = open(script).read()
         for directive in ("--nodes=", "--gpus-per-node=", "--cpus-per-task=", "--time=", "--requeue", "--signal="):
             assert f"#SBATCH {directive}" in text, (script, directive)
-        assert "scontrol requeue" in text and "trap requeue USR1" in text
+        # the trap asks the trainer to checkpoint (the stop file it watches), waits for it, then requeues
+        assert "scontrol requeue" in text and "trap stop_and_requeue USR1" in text
+        assert 'touch "$LOGS/$NAME/stop"' in text and 'wait "$TRAIN_PID"' in text
