@@ -38,3 +38,27 @@ def write_image_csv(folder, n: int = 32, size: int = 32, bad: dict | None = None
     with open(path, "w") as f:
         f.write("\n".join(rows) + "\n")
     return path
+
+
+def kd_world(root, n: int = 24, size: int = 64) -> dict:
+    """A tiny distillation set-up under `root`: an image CSV and a saved (seeded, untrained) tiny-teacher."""
+    import torch
+
+    from training.models import create_clip
+
+    csv = write_image_csv(str(root / "data"), n=n, size=size)
+    teacher = str(root / "teacher.pt")
+    torch.manual_seed(7)
+    torch.save(create_clip("tiny-teacher", None, torch.device("cpu")).state_dict(), teacher)
+    return {"root": root, "csv": csv, "data_root": str(root / "data"), "teacher": teacher}
+
+
+def relative_distance(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    diff = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
+    return diff / sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
+
+
+def optimizer_tensors(state: dict) -> dict:
+    return {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if hasattr(v, "dim")}

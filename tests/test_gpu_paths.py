@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import training  # noqa: F401
-from helpers import free_port, write_image_csv
+from helpers import free_port, kd_world
 from test_train_e2e import _grads_worker
 from training import distributed
 from training.checkpoint import restore_rank_rng
@@ -26,12 +26,7 @@ from training.params import parse_args
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu_paths")
-    csv = write_image_csv(str(root / "data"), n=24, size=64)
-    teacher = str(root / "teacher.pt")
-    torch.manual_seed(7)
-    torch.save(create_clip("tiny-teacher", None, torch.device("cpu")).state_dict(), teacher)
-    return {"root": root, "csv": csv, "data_root": str(root / "data"), "teacher": teacher}
+    return kd_world(tmp_path_factory.mktemp("gpu_paths"))
 
 
 def argv(world, name="", *extra, batch_size=8, model="tiny-student", epochs=2):

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import training  # noqa: F401
-from helpers import free_port, write_image_csv
-from training.models import create_clip
+from helpers import free_port, kd_world, optimizer_tensors, relative_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-horovod")
@@ -40,12 +39,7 @@ def world(tmp_path_factory):
     problem = _horovod_problem()
     if problem:
         pytest.skip(problem)
-    root = tmp_path_factory.mktemp("horovod")
-    csv = write_image_csv(str(root / "data"), n=24, size=64)
-    teacher = str(root / "teacher.pt")
-    torch.manual_seed(7)
-    torch.save(create_clip("tiny-teacher", None, torch.device("cpu")).state_dict(), teacher)
-    return {"root": root, "csv": csv, "data_root": str(root / "data"), "teacher": teacher}
+    return kd_world(tmp_path_factory.mktemp("horovod"))
 
 
 def _argv(world, name, *extra, batch_size):
@@ -89,14 +83,7 @@ def _ckpt(world, name, filename):
     return torch.load(world["root"] / "logs" / name / "checkpoints" / filename, weights_only=True)
 
 
-def _relative(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    diff = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
-    return diff / sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
-
-
-def _optimizer_tensors(state: dict) -> dict:
-    return {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+_relative, _optimizer_tensors = relative_distance, optimizer_tensors
 
 
 def _logged_steps(world, name) -> list[dict[str, str]]:

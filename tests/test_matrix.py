@@ -19,9 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 import training  # noqa: F401
-from helpers import free_port, write_image_csv
+from helpers import free_port, kd_world
 from training import cache_teacher
-from training.models import create_clip
 
 FAKE_HOROVOD = os.path.join(os.path.dirname(__file__), "fake_horovod")
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -45,11 +44,8 @@ def combo_name(combo) -> str:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("matrix")
-    csv = write_image_csv(str(root / "data"), n=16, size=64)
-    teacher = str(root / "teacher.pt")
-    torch.manual_seed(7)
-    torch.save(create_clip("tiny-teacher", None, torch.device("cpu")).state_dict(), teacher)
+    w = kd_world(tmp_path_factory.mktemp("matrix"), n=16)
+    root, csv, teacher = w["root"], w["csv"], w["teacher"]
     for stage in (2, 3):
         with open(root / f"zero{stage}.json", "w") as f:
             json.dump({"zero_optimization": {"stage": stage}}, f)
@@ -57,7 +53,7 @@ def world(tmp_path_factory):
     assert cache_teacher.main(["--teacher", "tiny-teacher", "--teacher-pretrained", teacher, "--train-data", csv,
                                "--data-root", str(root / "data"), "--views", "2", "--out", cache,
                                "--batch-size", "4", "--workers", "0", "--device", "cpu"]) == 0
-    return {"root": root, "csv": csv, "data_root": str(root / "data"), "teacher": teacher, "cache": cache}
+    return {**w, "cache": cache}
 
 
 def combo_argv(world, engine, precision, teacher, accum, device="cpu") -> list[str]:

@@ -19,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import training  # noqa: F401
-from helpers import free_port, write_image_csv
+from helpers import free_port, kd_world, optimizer_tensors, relative_distance
 from training.models import create_clip
 
 FAKE_HOROVOD = os.path.join(os.path.dirname(__file__), "fake_horovod")
@@ -33,15 +33,12 @@ def needs(*names: str) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel")
-    csv = write_image_csv(str(root / "data"), n=24, size=64)
-    teacher = str(root / "teacher.pt")
-    torch.manual_seed(7)
-    torch.save(create_clip("tiny-teacher", None, torch.device("cpu")).state_dict(), teacher)
+    w = kd_world(tmp_path_factory.mktemp("parallel"))
+    root = w["root"]
     for stage in (2, 3):
         with open(root / f"zero{stage}.json", "w") as f:
             json.dump({"zero_optimization": {"stage": stage}}, f)
-    return {"root": root, "csv": csv, "data_root": str(root / "data"), "teacher": teacher}
+    return w
 
 
 def argv(world, *extra, batch_size=4):
@@ -90,14 +87,7 @@ def runs(world):
 
 # ---- comparisons ----------------------------------------------------------------------------------------------------
 
-def _relative(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    diff = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
-    return diff / sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
-
-
-def _optimizer_tensors(state: dict) -> dict:
-    return {f"{i}.{k}": v for i, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+_relative, _optimizer_tensors = relative_distance, optimizer_tensors
 
 
 def assert_same_training(ref: dict, other: dict, grads: bool = True) -> None:

@@ -17,6 +17,18 @@ class UsageError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
 
+class WorkerUsageError(UsageError):
+    """A UsageError that may be raised inside a DataLoader worker: torch re-raises it in the main process with the
+    worker's traceback as its message, and this keeps the one line of the original."""
+
+    def __init__(self, message: str = ""):
+        message = str(message)
+        if message.startswith("Caught ") and "Traceback" in message:
+            last = [line for line in message.strip().splitlines() if line.strip()][-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would print usage + message; the entry points print one line instead
         raise UsageError(" ".join(message.split()))

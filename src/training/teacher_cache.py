@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import ViewParams
-from .params import UsageError
+from .params import UsageError, WorkerUsageError
 
 FORMAT = "clip-kd-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -53,15 +53,8 @@ _NORM_TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 6e-2}
 log = logging.getLogger(__name__)
 
 
-class TeacherCacheError(UsageError):
+class TeacherCacheError(WorkerUsageError):
     """A cache problem: one line, exit 2 (also when raised in a DataLoader worker and re-raised by torch)."""
-
-    def __init__(self, message: str = ""):
-        message = str(message)
-        if message.startswith("Caught ") and "Traceback" in message:  # torch's worker re-raise: keep our line
-            last = [line for line in message.strip().splitlines() if line.strip()][-1]
-            message = last.split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
 
 
 class SampleNotCached(LookupError):

@@ -82,7 +82,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.data.common import DataInfo, DataTransforms, collate, make_sample, sample_rng
-from training.params import UsageError
+from training.params import UsageError, WorkerUsageError
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,9 @@ _PROTOCOL_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"
                       "https": "aiohttp", "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
 
 
-class NoDataError(UsageError):
+class NoDataError(WorkerUsageError):
     """A reader's shards hold no usable sample, so it cannot produce its share of batches (one line, exit 2, also
     when raised in a DataLoader worker and re-raised by torch)."""
-
-    def __init__(self, message: str = ""):
-        message = str(message)
-        if message.startswith("Caught ") and "Traceback" in message:  # torch's worker re-raise: keep our line
-            last = [line for line in message.strip().splitlines() if line.strip()][-1]
-            message = last.split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
 
 
 # ---- shard lists -------------------------------------------------------------------------------------------------
