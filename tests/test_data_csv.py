@@ -157,3 +157,17 @@ def test_left_out_rows_keep_the_order_and_the_rank_split():
     assert list(ranks[1]) == b[5:]
     with pytest.raises(UsageError, match="35 of 40 rows are left out"):
         GlobalBatchSampler(40, 8, 0, 1, seed=0, shuffle=True, usable=np.arange(40) < 5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_csv_whose_images_are_all_missing_is_one_line(tmp_path, capsys, workers):
+    """A wrong --data-root: every image is missing, so substitution gives up after 64 rows; in a loader worker too."""
+    from training.main import main
+
+    csv = write_image_csv(str(tmp_path / "data"), n=80, bad={i: "missing" for i in range(80)})
+    argv = ["--model", "tiny-student", "--train-data", csv, "--data-root", str(tmp_path / "data"),
+            "--batch-size", "4", "--epochs", "1", "--workers", str(workers), "--logs", "", "--device", "cpu",
+            "--precision", "fp32", "--distill", "task=1", "--zeroshot-frequency", "0", "--val-frequency", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not be used (missing_image" in err[0] and "--data-root" in err[0], err

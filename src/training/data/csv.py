@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..params import UsageError
+from ..params import UsageError, WorkerUsageError
 from .common import DataInfo, DataTransforms, collate, make_sample, sample_rng
 
 _MAX_SUBSTITUTES = 64
@@ -141,8 +141,12 @@ class CsvDataset(Dataset):
             return sample
         counts = ", ".join(f"{k} {v}" for k, v in skipped.items())
         hint = "; check --data-root" if {"missing_image", "corrupt_image"} & set(skipped) else ""
-        raise RuntimeError(f"{_MAX_SUBSTITUTES} rows in a row from row {idx} ({self.images[idx]}) could not be used "
-                           f"({counts}){hint}")
+        raise UnusableRowsError(f"{_MAX_SUBSTITUTES} rows in a row from row {idx} ({self.images[idx]}) could not be "
+                                f"used ({counts}){hint}")
+
+
+class UnusableRowsError(WorkerUsageError):
+    """So many bad rows in a row that the data (or --data-root) is wrong, not a few samples: one line, exit 2."""
 
 
 class GlobalBatchSampler(Sampler):
