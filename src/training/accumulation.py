@@ -9,7 +9,8 @@ concatenation, and each micro-batch is re-run with a graph to backpropagate the 
 - `group_micro_batches(info, K)`: the loader yields lists of K micro-batches (one per optimizer step); num_batches and
   mid-epoch resume count optimizer steps.
 - tree helpers over the student/teacher output dicts (tensors, lists of tensors, nested dicts).
-- RNG state save/restore so the graph pass draws the same patch masks (mfd) as the cached pass.
+- RNG state save/restore so the graph pass draws the same dropout as the cached pass (mfd masks are keyed by
+  position in the global batch, so both passes mask alike anyway), and BatchNorm statistics counted once.
 """
 
 from __future__ import annotations

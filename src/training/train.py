@@ -169,7 +169,8 @@ def accumulated_step(trainer: Trainer, micro_batches: list[dict]) -> dict[str, t
     GradCache (training/accumulation.py): 1) forward every micro-batch without a graph, caching the student and
     teacher outputs and the RNG state before each student forward; 2) evaluate the losses once on the concatenation
     and backprop them to the cached student outputs (and the loss-side heads); 3) re-run each micro-batch's student
-    forward with a graph, from the same RNG state (same patch masks), and backprop the cached output gradients.
+    forward with a graph, from the same RNG state (same dropout; patch masks are keyed by position), and backprop the
+    cached output gradients.
     """
     engine, device = trainer.engine, trainer.env.device
     autocast = trainer.precision.autocast
