@@ -7,8 +7,21 @@ import os
 import sys
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at the time of each record, not the stream it was created with (a caller that
+    swaps and closes sys.stdout, as pytest's capture does, would otherwise leave logging writing to a closed file)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    handlers: list[logging.Handler] = [_CurrentStdout()]
     if log_file and is_master:
         try:
             os.makedirs(os.path.dirname(log_file), exist_ok=True)
