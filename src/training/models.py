@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data.transforms import ImageFormat
-from .params import UsageError
+from .params import UsageError, first_line
 
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 
@@ -81,8 +81,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot read checkpoint {path}: {first}") from exc
+        raise UsageError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
     if isinstance(ckpt, dict):
         for key in ("state_dict", "model", "student"):
             if key in ckpt and isinstance(ckpt[key], dict):
@@ -119,8 +118,7 @@ def create_clip(name: str, pretrained: str | None, device: torch.device, **kwarg
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot create '{arch}' with pretrained '{pretrained}': "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+        raise UsageError(f"cannot create '{arch}' with pretrained '{pretrained}': {first_line(exc)}") from exc
     if local:
         load_weights(model, pretrained)
     model.arch_name = arch
@@ -169,9 +167,8 @@ def lock_towers(clip: nn.Module, args) -> None:
         try:
             do()
         except Exception as exc:  # open_clip asserts / raises for towers it cannot (partially) lock
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"{flag}: cannot lock the student's {what} tower ({type(tower).__name__}): {reason}"
-                             ) from exc
+            raise UsageError(f"{flag}: cannot lock the student's {what} tower ({type(tower).__name__}): "
+                             f"{first_line(exc)}") from exc
 
     if args.lock_image:
         lock("--lock-image", "image", clip.visual, lambda: clip.lock_image_tower(

@@ -17,6 +17,12 @@ class UsageError(ValueError):
     """Bad user input: printed as one line, exit code 2."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class WorkerUsageError(UsageError):
     """A UsageError that may be raised inside a DataLoader worker: torch re-raises it in the main process with the
     worker's traceback as its message, and this keeps the one line of the original."""

@@ -15,7 +15,7 @@ import open_clip
 import torch
 
 from ..models import load_weights, resolve_model_name
-from ..params import UsageError
+from ..params import UsageError, first_line
 
 
 def is_local_path(pretrained: str | None) -> bool:
@@ -61,8 +61,7 @@ def load_model(arch: str, pretrained: str | None, device: torch.device):
     except UsageError:
         raise
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot create '{name}' with pretrained '{pretrained}': {msg}") from exc
+        raise UsageError(f"cannot create '{name}' with pretrained '{pretrained}': {first_line(exc)}") from exc
     if local:
         load_weights(model, pretrained)
     model = model.to(device).eval()
