@@ -10,7 +10,7 @@ open_clip's names:
 | `bf16` | bf16 weights and batch (no autocast; open_clip's manual low precision) | the same |
 
 Under FSDP2 and DeepSpeed the weights of `bf16` are cast by the engine itself (fp32 master weights); elsewhere the
-student is converted with open_clip's `convert_weights_to_lp` (LayerNorms and the logit scale stay fp32).
+student is built as open_clip builds `precision="bf16"` (LayerNorms and the logit scale stay fp32).
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ def resolve(name: str, device: torch.device, amp_fp16_on_cpu: bool = False) -> P
         autocast = torch.float16 if fp16_amp else torch.bfloat16
     else:
         autocast = torch.bfloat16 if name == "amp_bf16" else None
-    batch = torch.bfloat16 if name == "bf16" else torch.float32
-    return Precision(name, device.type, autocast, batch, loss_scaling=fp16_amp)
+    return Precision(name, device.type, autocast, input_dtype(name), loss_scaling=fp16_amp)
 
 
 def autocast_for(precision: str, device: torch.device, amp_fp16_on_cpu: bool = False):

@@ -116,7 +116,7 @@ def student_forward(trainer: Trainer, image: torch.Tensor, text: torch.Tensor, m
         b, world = image.shape[0], trainer.env.world_size
         first = micro_batch * b * world + trainer.env.rank * b
         keys = mask_keys(trainer.args.seed, trainer.step, torch.arange(first, first + b, device=image.device))
-    return trainer.model(image, text, mask_keys=keys) if keys is not None else trainer.model(image, text)
+    return trainer.model(image, text, mask_keys=keys)
 
 
 def distill_losses(trainer: Trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
