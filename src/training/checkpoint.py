@@ -84,13 +84,17 @@ def restore_rank_rng(saved, rank: int, world_size: int, device: torch.device | N
     return True
 
 
-# What a resume may not change: each of these moves the data position or the LR schedule away from where the
-# checkpoint stopped (the global batch is per-process batch x processes x --accum-freq).
-_FIXED_ON_RESUME = {"dataset_type": "--dataset-type", "seed": "--seed", "train_num_samples": "--train-num-samples",
-                    # which parameters the optimizer holds: its saved state would not fit
-                    "lock_image": "--lock-image", "lock_image_unlocked_groups": "--lock-image-unlocked-groups",
-                    "lock_text": "--lock-text", "lock_text_unlocked_layers": "--lock-text-unlocked-layers",
-                    "model": "--model"}
+# What a resume may not change, and why (the global batch, per-process batch x processes x --accum-freq, and the
+# epoch length are checked apart).
+_DATA_MOVES = "the data position would no longer match"
+_OPTIMIZER_DIFFERS = "the saved optimizer state is for other parameters"
+_FIXED_ON_RESUME = {"dataset_type": ("--dataset-type", _DATA_MOVES), "seed": ("--seed", _DATA_MOVES),
+                    "train_num_samples": ("--train-num-samples", _DATA_MOVES),
+                    "lock_image": ("--lock-image", _OPTIMIZER_DIFFERS),
+                    "lock_image_unlocked_groups": ("--lock-image-unlocked-groups", _OPTIMIZER_DIFFERS),
+                    "lock_text": ("--lock-text", _OPTIMIZER_DIFFERS),
+                    "lock_text_unlocked_layers": ("--lock-text-unlocked-layers", _OPTIMIZER_DIFFERS),
+                    "model": ("--model", "the checkpoint holds another architecture")}
 # What it may change, said out loud: the run goes on from the same data position, but not as it would have.
 _NOTED_ON_RESUME = {"epochs": "--epochs (the LR schedule now spans the new total)", "lr": "--lr", "warmup": "--warmup",
                     "lr_scheduler": "--lr-scheduler", "wd": "--wd", "distill": "--distill", "recipe": "--recipe",
@@ -134,11 +138,11 @@ def check_resume(saved: dict, args, world_size: int, num_batches: int) -> list[s
         raise UsageError(f"cannot resume: --train-data was {old['train_data']!r} in the checkpoint and is "
                          f"{args.train_data!r} now; the data position would no longer match. Resume with the same "
                          "data, or start a new run with --pretrained CHECKPOINT")
-    for key, flag in _FIXED_ON_RESUME.items():
+    for key, (flag, why) in _FIXED_ON_RESUME.items():
         if key in old and old[key] != getattr(args, key, None):
             raise UsageError(f"cannot resume: {flag} was {old[key]!r} in the checkpoint and is "
-                             f"{getattr(args, key, None)!r} now; the data position would no longer match. Resume "
-                             "with the same value, or start a new run with --pretrained CHECKPOINT")
+                             f"{getattr(args, key, None)!r} now; {why}. Resume with the same value, or start a new "
+                             "run with --pretrained CHECKPOINT")
     saved_batches = old.get("_num_batches")
     if saved_batches is not None and saved_batches != num_batches:
         raise UsageError(f"cannot resume: an epoch had {saved_batches} steps in the checkpoint's run and has "
