@@ -232,6 +232,8 @@ def _add_classnames(folders: list[str]) -> str:
         shown = ", ".join(folders[:4])
         return ADD_CLASSNAMES.replace("in sorted folder order", f"in sorted folder order (as text: {shown}, ...)")
     return ADD_CLASSNAMES
+
+
 _IMAGENET_SUBDIRS = ("", "val", "sketch", "imagenet-r", "imagenet-a")
 
 
@@ -285,20 +287,22 @@ def detect(path: str) -> tuple[str, str]:
         raise DatasetError(f"{path}: {len(subs)} numbered class folders ({_span(subs)}) and no classnames.txt, so "
                            f"the classes are unknown (ImageNet-V2 has the 1000 folders 0..999): {_add_classnames(subs)} "
                            f"(e.g. imagenetv2=PATH for part of ImageNet-V2)")
+    benchmarks = None  # the shipped wnid lists, read once and only for wnid folders
     for sub in _IMAGENET_SUBDIRS:
         d = j(path, sub) if sub else path
         folders = _subdirs(d)
         if not folders or not all(WNID_RE.match(f) for f in folders):
             continue
         got = set(folders)
-        for kind, label, wnids in _wnid_benchmarks():
+        benchmarks = benchmarks or _wnid_benchmarks()
+        for kind, label, wnids in benchmarks:
             if got == wnids:
                 if kind == "imagenet1k" and sub == "sketch":
                     return "imagenet-sketch", f"the 1000 ImageNet wnid class folders in {d}"
                 same = " (ImageNet-Sketch has the same folders: pass imagenet-sketch=PATH)" if kind == "imagenet1k" \
                     else ""
                 return kind, f"the {len(wnids)} wnid class folders of {label}{same}"
-        best = max(_wnid_benchmarks(), key=lambda b: len(got & b[2]))
+        best = max(benchmarks, key=lambda b: len(got & b[2]))
         raise DatasetError(f"{d}: {len(folders)} wnid class folders, not exactly the classes of ImageNet-1k (1000) or "
                            f"of ImageNet-R / ImageNet-A (200 each; closest: {len(got & best[2])} of {best[1]}'s "
                            f"{len(best[2])}): {ADD_CLASSNAMES} (imagenet1k, imagenet-sketch, imagenet-r, imagenet-a)")
@@ -420,8 +424,9 @@ def _load_imagenet(spec: DatasetSpec, split: str, wnids: list[str] | None) -> Cl
         # Subset: labels are positions in the subset and the classifier holds only these classes, which is exactly
         # "restrict the 1000-way logits to the subset's columns".
         source = _folder_samples(d, folders, list(range(len(folders))))
-        known = {k: set(T.imagenet_subset_wnids(k)) for k in ("imagenet-r", "imagenet-a")}
-        label = {"imagenet-r": "ImageNet-R", "imagenet-a": "ImageNet-A"}
+        subsets = {kind: (name, wnids) for kind, name, wnids in _wnid_benchmarks() if kind != "imagenet1k"}
+        known = {k: wnids for k, (_, wnids) in subsets.items()}
+        label = {k: name for k, (name, _) in subsets.items()}
         notes = []
         if set(folders) != known[spec.kind]:
             other = next((label[k] for k in known if k != spec.kind and set(folders) == known[k]), None)
