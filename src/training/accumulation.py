@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .data import DataInfo
-from .params import UsageError
+from .errors import UsageError
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from . import distributed
 from .data.csv import open_image
 from .data.transforms import ImageFormat, centre_view, render_view, sample_view
-from .params import UsageError
+from .errors import UsageError
 from .params import build_parser as build_train_parser
 from .params import parse_args as parse_train_args
 from .teacher_cache import (

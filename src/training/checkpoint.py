@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import torch
 
-from .params import UsageError
+from .errors import UsageError
 
 LATEST = "latest.txt"
 

@@ -47,7 +47,7 @@ from .eval.report import write_report
 from .eval.results import TASKS, find_record, flat_metrics, make_record, write_record
 from .eval.retrieval import run_retrieval
 from .eval.zeroshot import run_zeroshot
-from .params import UsageError
+from .errors import UsageError
 
 ZEROSHOT_KEYS = ("top1", "top5", "mean_per_class_recall")
 RETRIEVAL_KEYS = tuple(f"{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10))

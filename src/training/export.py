@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .checkpoint import atomic_save
-from .params import UsageError
+from .errors import UsageError
 
 
 def export_student(checkpoint: str, out: str, model: str | None = None) -> str:

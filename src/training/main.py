@@ -20,7 +20,8 @@ from .data.transforms import EvalTransform, PairedViews
 from .distill.features import check_masking_supported
 from .logger import MetricLogger, setup_logging
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
-from .params import UsageError, parse_args
+from .errors import UsageError
+from .params import parse_args
 from .precision import make_grad_scaler, resolve
 from .preemption import StopRequest
 from .scheduler import LRSchedule

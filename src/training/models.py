@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .data.transforms import ImageFormat
-from .params import UsageError, first_line
+from .errors import UsageError, first_line
 
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import distributed
-from .params import UsageError
+from .errors import UsageError
 
 LOGIT_SCALE_MAX = math.log(100)
 

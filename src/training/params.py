@@ -1,6 +1,9 @@
-"""Command-line flags. Names follow open_clip's `open_clip_train.params`; CLIP-KD's own flags are aliases.
+"""Command-line flags of `python -m training.main`. Names follow open_clip's `open_clip_train.params`; CLIP-KD's
+own flags are aliases.
 
-Each section belongs to one concern; validation that needs more than argparse lives in `validate_args`.
+Flags come in groups, one per config section (training/config.py); the other entry points (`cache_teacher`,
+`eval`) compose the groups they share with their own. Validation that needs more than argparse lives in
+`validate_args`. This is the CLI layer: nothing below it imports this module.
 """
 
 from __future__ import annotations
@@ -10,38 +13,17 @@ import logging
 import os
 import re
 
+from .config import Config, comma_list
+from .errors import UsageError
+
 log = logging.getLogger(__name__)  # no basicConfig at parse time: main's setup_logging configures the root later
 
 
-class UsageError(ValueError):
-    """Bad user input: printed as one line, exit code 2."""
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one UsageError line (argparse would print the usage and exit)."""
 
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when the message is empty), for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-class WorkerUsageError(UsageError):
-    """A UsageError that may be raised inside a DataLoader worker: torch re-raises it in the main process with the
-    worker's traceback as its message, and this keeps the one line of the original."""
-
-    def __init__(self, message: str = ""):
-        message = str(message)
-        if message.startswith("Caught ") and "Traceback" in message:
-            last = [line for line in message.strip().splitlines() if line.strip()][-1]
-            message = last.split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage + message; the entry points print one line instead
+    def error(self, message):
         raise UsageError(" ".join(message.split()))
-
-
-def _comma_list(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def _device(value: str) -> str:
@@ -51,31 +33,19 @@ def _device(value: str) -> str:
 
 
 def _report_to(value: str) -> str:
-    unknown = [v for v in _comma_list(value) if v != "tensorboard"]
+    unknown = [v for v in comma_list(value) if v != "tensorboard"]
     if unknown:
         raise argparse.ArgumentTypeError(f"unsupported {', '.join(map(repr, unknown))} (supported: tensorboard)")
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m training.main",
-        description="Distil a frozen teacher CLIP into a student CLIP (open_clip models).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-
-    # ---- models -------------------------------------------------------------------------------------------
-    g = p.add_argument_group("student and teacher")
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('student', 'the student CLIP')
     g.add_argument("--model", default="ViT-T-16", help="student: open_clip name, a config shipped here, or a JSON path")
     g.add_argument("--pretrained", default="", help="student initial weights: pretrained tag or local file")
-    g.add_argument("--teacher", "--t-model", dest="teacher", default=None,
-                   help="teacher architecture(s): open_clip name or JSON path; comma list for an ensemble")
-    g.add_argument("--teacher-pretrained", "--t-model-checkpoint", dest="teacher_pretrained", default=None,
-                   help="teacher weights: pretrained tag or local file (comma list matching --teacher)")
     g.add_argument("--force-image-size", type=int, default=None, help="override the student's image size")
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the student")
     g.add_argument("--torchcompile", action="store_true", help="torch.compile the student")
-    # tower locking: open_clip_train's flags, applied by the student's own lock_image_tower / lock_text_tower
     g.add_argument("--lock-image", action="store_true", help="lock the full student image tower (no gradients)")
     g.add_argument("--lock-image-unlocked-groups", type=int, default=0,
                    help="with --lock-image: leave the last N image tower layer groups unlocked")
@@ -88,8 +58,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --lock-text: also freeze LayerNorm of the locked layers (HF text towers; open_clip's "
                         "own text transformer always freezes them)")
 
-    # ---- distillation -------------------------------------------------------------------------------------
-    g = p.add_argument_group("distillation")
+
+def add_teacher_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('teacher', 'the frozen teacher CLIP (one model or an ensemble)')
+    g.add_argument("--teacher", "--t-model", dest="teacher", default=None,
+                   help="teacher architecture(s): open_clip name or JSON path; comma list for an ensemble")
+    g.add_argument("--teacher-pretrained", "--t-model-checkpoint", dest="teacher_pretrained", default=None,
+                   help="teacher weights: pretrained tag or local file (comma list matching --teacher)")
+
+
+def add_teacher_cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('teacher cache', 'training from cached teacher embeddings (docs/teacher_cache.md)')
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="train from teacher embeddings cached by python -m training.cache_teacher: no teacher is "
+                        "built or run (docs/teacher_cache.md)")
+    g.add_argument("--cache-missing", default="error", choices=["error", "skip"],
+                   help="a training sample absent from the cache: stop with an error, or skip it (counted as "
+                        "skipped/not_in_teacher_cache and replaced, so batches stay full)")
+    g.add_argument("--cache-views", default="auto", choices=["auto", "augmented", "all", "centre"],
+                   help="cached views a sample draws from each epoch: auto = the augmented views 1..K-1 "
+                        "(the centre view 0 when the cache has one view), all = 0..K-1, centre = view 0 only")
+    g.add_argument("--cache-verify", default="checksum", choices=["checksum", "size"],
+                   help="shard check at start-up: sha256 of every shard (split over ranks), or sizes only")
+
+
+def add_distill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('distillation', "the loss spec and its terms' options (docs/losses.md)")
     g.add_argument("--distill", default=None,
                    help='loss spec, e.g. "task=1,crd=1,icl=1,fd=2000"; a term may carry a schedule '
                         '"fd=2000@warmup:0:5000" or "crd=1@from:3000"')
@@ -121,24 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned per-term weights (Kendall et al. 2018)")
     g.add_argument("--kd-compat", default="none", choices=["none", "clipkd"],
                    help="clipkd: CLIP-KD's published raw 2.659 scale multipliers for icl/xkd/afd")
+    g.add_argument("--local-loss", action="store_true",
+                   help="rows of each logit matrix are the local batch only (columns stay global)")
+    g.add_argument("--gather-with-grad", action="store_true",
+                   help="all-gather student features with gradient (exact gradients; recommended with --local-loss)")
 
-    # ---- data ---------------------------------------------------------------------------------------------
-    g = p.add_argument_group("data")
-    g.add_argument("--train-data", default=None,
-                   help="CSV file(s) (comma list), or WebDataset shards (brace patterns, '::' joins sources)")
-    g.add_argument("--val-data", default=None, help="validation CSV for retrieval metrics")
-    g.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "synthetic", "webdataset"])
+
+def add_csv_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('CSV tables', 'how CSV rows name their image and caption')
+    g.add_argument("--data-root", default=None,
+                   help="root joined to relative image paths; a comma list matching the CSV list")
     g.add_argument("--csv-img-key", default="filepath")
     g.add_argument("--csv-caption-key", default="title")
     g.add_argument("--csv-separator", default="\t")
-    g.add_argument("--data-root", default=None,
-                   help="root joined to relative image paths; a comma list matching the CSV list")
+
+
+def add_data_source_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('training data', 'CSV files, WebDataset shards or the synthetic set')
+    g.add_argument("--train-data", default=None,
+                   help="CSV file(s) (comma list), or WebDataset shards (brace patterns, '::' joins sources)")
+    g.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "synthetic", "webdataset"])
     g.add_argument("--train-num-samples", type=int, default=None,
                    help="samples per epoch (required for WebDataset; caps/extends CSV epochs)")
-    g.add_argument("--val-num-samples", type=int, default=None)
     g.add_argument("--synthetic-num-samples", type=int, default=1024, help="size of --dataset-type synthetic")
-    g.add_argument("--workers", type=int, default=2, help="data loader workers per process")
-    # webdataset (issue 4) ----------------------------------------------------------------------------------
     g.add_argument("--dataset-resampled", action="store_true",
                    help="WebDataset: draw shards with replacement (no fixed epochs; resume starts a fresh seeded stream)")
     g.add_argument("--train-data-upsampling-factors", default=None,
@@ -150,22 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WebDataset sample keys: auto = __key__ (prefixed by the source folder with several sources), "
                         "key = bare __key__, shard = <shard stem>/__key__")
     g.add_argument("--wds-shuffle-buffer", type=int, default=5000, help="WebDataset per-worker sample shuffle buffer")
-    # teacher cache (issue 5) -------------------------------------------------------------------------------
-    g.add_argument("--teacher-cache", default=None, metavar="DIR",
-                   help="train from teacher embeddings cached by python -m training.cache_teacher: no teacher is "
-                        "built or run (docs/teacher_cache.md)")
-    g.add_argument("--cache-missing", default="error", choices=["error", "skip"],
-                   help="a training sample absent from the cache: stop with an error, or skip it (counted as "
-                        "skipped/not_in_teacher_cache and replaced, so batches stay full)")
-    g.add_argument("--cache-views", default="auto", choices=["auto", "augmented", "all", "centre"],
-                   help="cached views a sample draws from each epoch: auto = the augmented views 1..K-1 "
-                        "(the centre view 0 when the cache has one view), all = 0..K-1, centre = view 0 only")
-    g.add_argument("--cache-verify", default="checksum", choices=["checksum", "size"],
-                   help="shard check at start-up: sha256 of every shard (split over ranks), or sizes only")
 
-    # ---- optimisation -------------------------------------------------------------------------------------
-    g = p.add_argument_group("optimisation")
+
+def add_loader_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('loading')
     g.add_argument("--batch-size", type=int, default=64, help="batch size per process")
+    g.add_argument("--workers", type=int, default=2, help="data loader workers per process")
+
+
+def add_val_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('validation data')
+    g.add_argument("--val-data", default=None, help="validation CSV for retrieval metrics")
+    g.add_argument("--val-num-samples", type=int, default=None)
+
+
+def add_optim_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('optimisation')
     g.add_argument("--epochs", type=int, default=32)
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--wd", type=float, default=0.2)
@@ -174,21 +173,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=1e-6)
     g.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
     g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const"])
+    g.add_argument("--grad-clip-norm", type=float, default=None)
+    g.add_argument("--max-nonfinite-steps", type=int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps in total (the schedule still spans --epochs)")
+    g.add_argument("--accum-freq", type=int, default=1,
+                   help="optimizer step every K micro-batches of --batch-size; the losses (contrastive and KD) are those "
+                        "of the whole K x batch (GradCache): same result as a K times larger batch")
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('runtime', 'device, process group, number format and seed')
+    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
+    g.add_argument("--dist-url", default="env://")
     g.add_argument("--precision", default="amp", choices=["fp32", "amp", "amp_bf16", "bf16"],
                    help="amp: fp16 autocast + loss scaling on CUDA, bf16 autocast on CPU; amp_bf16: bf16 autocast; "
                         "bf16: bf16 weights and batches (training/precision.py)")
     g.add_argument("--amp-fp16-on-cpu", action="store_true",
                    help="run --precision amp on CPU as on CUDA (fp16 autocast + GradScaler): tests the CUDA path here")
-    g.add_argument("--grad-clip-norm", type=float, default=None)
-    g.add_argument("--max-nonfinite-steps", type=int, default=20,
-                   help="stop after this many consecutive steps with a non-finite loss")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps in total (the schedule still spans --epochs)")
-    # scale-out (issue 7) -----------------------------------------------------------------------------------
-    g.add_argument("--accum-freq", type=int, default=1,
-                   help="optimizer step every K micro-batches of --batch-size; the losses (contrastive and KD) are those "
-                        "of the whole K x batch (GradCache): same result as a K times larger batch")
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('parallelism', 'how the student is spread over processes (docs/scale_out.md)')
     g.add_argument("--fsdp", action="store_true",
                    help="shard the student with FSDP2 (fully_shard per block; mixed precision from --precision)")
     g.add_argument("--fsdp-shard-teacher", action="store_true", help="with --fsdp: shard the frozen teacher too")
@@ -197,46 +206,51 @@ def build_parser() -> argparse.ArgumentParser:
                         "the flags (docs/scale_out.md)")
     g.add_argument("--horovod", action="store_true", help="average student gradients with Horovod (open_clip's flag)")
 
-    # ---- distributed --------------------------------------------------------------------------------------
-    g = p.add_argument_group("distributed")
-    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
-    g.add_argument("--dist-url", default="env://")
-    g.add_argument("--local-loss", action="store_true",
-                   help="rows of each logit matrix are the local batch only (columns stay global)")
-    g.add_argument("--gather-with-grad", action="store_true",
-                   help="all-gather student features with gradient (exact gradients; recommended with --local-loss)")
 
-    # ---- logging, checkpoints, evaluation -----------------------------------------------------------------
-    g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
-                   help="root of run folders; '' disables logging and checkpoints. Under torchrun >= 2.6 spell it "
-                        "--logs-dir: torchrun's own parser rejects --logs as an abbreviation of its --logs-specs")
-    g.add_argument("--name", default=None, help="run folder name (default: a timestamp and the models)")
+def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('checkpoints')
     g.add_argument("--save-frequency", type=int, default=1,
                    help="save a checkpoint every N epochs; 0: none but the final epoch's (always saved, so the run "
                         "can be resumed or exported)")
     g.add_argument("--save-every-n-steps", type=int, default=None, help="also save mid-epoch every N steps")
+    g.add_argument("--keep-last-k", type=int, default=None,
+                   help="keep only the newest K checkpoints of the run folder (default: keep all)")
     g.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
-    g.add_argument("--report-to", type=_report_to, default="", help="'tensorboard' or ''")
-    g.add_argument("--log-every-n-steps", type=int, default=100)
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('evaluation during training')
     g.add_argument("--zeroshot-frequency", type=int, default=1, help="zero-shot eval every N epochs (0: never)")
     g.add_argument("--val-frequency", type=int, default=1, help="retrieval eval every N epochs (0: never)")
     g.add_argument("--zeroshot-data", default=None,
                    help="image-folder zero-shot set with classnames.txt (and optional templates.txt)")
-    # evaluation suite (issue 6) ----------------------------------------------------------------------------
     g.add_argument("--eval-datasets", default=None,
                    help="more sets evaluated in training, NAME=PATH comma list as in `python -m training.evaluate "
                         "--datasets`: zero-shot for classification sets, retrieval for caption sets")
     g.add_argument("--eval-frequency", type=int, default=1, help="--eval-datasets every N epochs (0: never)")
+
+
+def add_logging_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('logging')
+    g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
+                   help="root of run folders; '' disables logging and checkpoints. Under torchrun >= 2.6 spell it "
+                        "--logs-dir: torchrun's own parser rejects --logs as an abbreviation of its --logs-specs")
+    g.add_argument("--name", default=None, help="run folder name (default: a timestamp and the models)")
+    g.add_argument("--report-to", type=_report_to, default="", help="'tensorboard' or ''")
+    g.add_argument("--log-every-n-steps", type=int, default=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="python -m training.main",
+        description="Distil a frozen teacher CLIP into a student CLIP (open_clip models).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for add in (add_model_flags, add_teacher_flags, add_distill_flags, add_data_source_flags, add_csv_flags,
+                add_val_flags, add_teacher_cache_flags, add_loader_flags, add_optim_flags, add_runtime_flags,
+                add_parallel_flags, add_checkpoint_flags, add_logging_flags, add_eval_flags):
+        add(p)
     return p
-
-
-def alias_weights(args: argparse.Namespace) -> dict[str, float]:
-    """CLIP-KD's alpha_* flags as {term: weight}; they are merged over the recipe or --distill spec."""
-    alias_terms = {"alpha_ckd_loss": "crd", "alpha_icl_loss": "icl", "alpha_fd_loss": "fd",
-                   "alpha_gd_loss": "gd", "alpha_afd_loss": "afd"}
-    return {term: getattr(args, flag) for flag, term in alias_terms.items() if getattr(args, flag) is not None}
 
 
 # Allowed values of every int/float flag (dest: interval; "inf" = unbounded). A flag left unset (None) is not
@@ -277,6 +291,7 @@ RANGES: dict[str, str] = {
     # logging, checkpoints, evaluation (a frequency of 0 means never)
     "save_frequency": "[0, inf)",
     "save_every_n_steps": "[1, inf)",
+    "keep_last_k": "[1, inf)",
     "log_every_n_steps": "[1, inf)",
     "zeroshot_frequency": "[0, inf)",
     "val_frequency": "[0, inf)",
@@ -305,35 +320,45 @@ def check_range(dest: str, value) -> None:
         raise UsageError(f"{_flag(dest)} must be {allowed}, got {shown}")
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace) -> Config:
     """Start-up checks of the flags that need more than argparse; each failure is one UsageError line."""
+    values = vars(args)
     for dest in RANGES:
-        if getattr(args, dest, None) is not None:
-            check_range(dest, getattr(args, dest))
+        if values.get(dest) is not None:
+            check_range(dest, values[dest])
     for dest, needed in NEEDS.items():
-        if getattr(args, dest) and not getattr(args, needed):  # given a non-default (0 / off) value
+        if values[dest] and not values[needed]:  # given a non-default (0 / off) value
             raise UsageError(f"{_flag(dest)} needs {_flag(needed)}")
-    if args.teacher is not None and not args.teacher_list:
-        raise UsageError(f"--teacher {args.teacher!r} names no model")
-    if args.name and (os.path.isabs(args.name) or ".." in args.name.replace("\\", "/").split("/")):
-        raise UsageError(f"--name {args.name!r} must stay inside --logs (no absolute path, no '..')")
-    if args.kd_teacher_member is not None and args.teacher_list and args.kd_teacher_member >= len(args.teacher_list):
-        raise UsageError(f"--kd-teacher-member {args.kd_teacher_member} is out of range for "
-                         f"{len(args.teacher_list)} --teacher model(s) (members count from 0)")
-    if args.local_loss and not args.gather_with_grad:
+    config = Config.from_args(args)
+    teacher, distill, name = config.teacher, config.distill, config.logging.name
+    if teacher.teacher is not None and not teacher.models:
+        raise UsageError(f"--teacher {teacher.teacher!r} names no model")
+    if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
+        raise UsageError(f"--name {name!r} must stay inside --logs (no absolute path, no '..')")
+    member = distill.kd_teacher_member
+    if member is not None and teacher.models and member >= len(teacher.models):
+        raise UsageError(f"--kd-teacher-member {member} is out of range for {len(teacher.models)} --teacher "
+                         "model(s) (members count from 0)")
+    if distill.local_loss and not distill.gather_with_grad:
         log.warning("--local-loss without --gather-with-grad: with more than one process the gradient through the "
                     "other ranks' features (the logit columns) is dropped, as in open_clip; add --gather-with-grad "
                     "for exact gradients")
     from .distill.spec import check_combinations, resolve_spec
 
-    spec = resolve_spec(args.distill, args.recipe, args.distill_overrides)  # a bad spec fails before any model loads
-    check_combinations(spec.terms, args.feat_layers)
+    spec = resolve_spec(distill.distill, distill.recipe, distill.overrides)  # a bad spec fails before any model loads
+    check_combinations(spec.terms, distill.feat_layers)
+    return config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The flags as parsed and validated (the flat namespace; `parse_config` gives the typed sections)."""
     args = build_parser().parse_args(argv)
-    args.distill_overrides = alias_weights(args)
-    args.teacher_list = _comma_list(args.teacher) if args.teacher else []
-    args.teacher_pretrained_list = _comma_list(args.teacher_pretrained) if args.teacher_pretrained else []
     validate_args(args)
+    args.teacher_list, args.teacher_pretrained_list = comma_list(args.teacher), comma_list(args.teacher_pretrained)
+    args.distill_overrides = Config.from_args(args).distill.overrides  # TEMPORARY until every layer takes Config
     return args
+
+
+def parse_config(argv=None) -> Config:
+    """The typed configuration of a training run, parsed and validated once."""
+    return validate_args(build_parser().parse_args(argv))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.transforms import ViewParams
-from .params import UsageError, WorkerUsageError
+from .errors import UsageError, WorkerUsageError
 
 FORMAT = "clip-kd-teacher-cache/1"
 MANIFEST = "manifest.json"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..params import UsageError
+from ..errors import UsageError
 from .common import DataInfo, DataTransforms, collate, make_sample
 
 __all__ = ["DataInfo", "DataTransforms", "collate", "get_data", "infer_dataset_type", "make_sample"]

@@ -26,7 +26,7 @@ from collections import Counter
 
 from PIL import Image
 
-from training.params import UsageError
+from training.errors import UsageError
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SHOW = 10  # skipped rows listed per reason on stdout

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..params import UsageError, WorkerUsageError
+from ..errors import UsageError, WorkerUsageError
 from .common import DataInfo, DataTransforms, collate, make_sample, sample_rng
 
 _MAX_SUBSTITUTES = 64

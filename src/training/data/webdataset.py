@@ -82,7 +82,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.data.common import DataInfo, DataTransforms, collate, make_sample, sample_rng
-from training.params import UsageError, WorkerUsageError
+from training.errors import UsageError, WorkerUsageError
 
 log = logging.getLogger(__name__)
 

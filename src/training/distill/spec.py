@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..params import UsageError
+from ..errors import UsageError
 
 # term name -> one-line description (the order is the order of the output dict)
 TERMS: dict[str, str] = {

@@ -15,7 +15,7 @@ import open_clip
 import torch
 
 from ..models import load_weights, resolve_model_name
-from ..params import UsageError, first_line
+from ..errors import UsageError, first_line
 
 
 def is_local_path(pretrained: str | None) -> bool:
