@@ -1,7 +1,7 @@
 """Worker for the engine tests (tests/test_parallel.py): runs a list of training jobs inside one process group.
 
-A job builds the trainer from CLI flags (training.main.build), optionally resumes a checkpoint, then runs the real
-epoch loop (training.train.train_one_epoch) to a mid step and on to a final step, and rank 0 records: the first
+A job builds the trainer from CLI flags (training.trainer.Trainer), optionally resumes a checkpoint, then runs the
+real loop (Trainer.run) to a mid step and on to a final step, and rank 0 records: the first
 step's full student and loss-side gradients (taken between backward and optimizer step, whatever the engine), every
 logged loss, the state right after resuming, and the mid and final checkpoints (Trainer.state_dict: the canonical
 format). Running many jobs in one spawn keeps the test time down (imports and process-group set-up happen once).
@@ -31,25 +31,23 @@ def run_jobs(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: s
 
 def run_job(env, job: dict, out_dir: str) -> None:
     from training import distributed
-    from training.checkpoint import load_checkpoint, restore_rank_rng
+    from training.checkpoint import load_checkpoint
     from training.eval.engine import _input_dtype
-    from training.main import build
-    from training.params import UsageError, parse_args
-    from training.train import train_one_epoch
+    from training.params import UsageError, parse_config
+    from training.trainer import Trainer
 
     if job.get("sys_path"):  # e.g. the Horovod stand-in (tests/fake_horovod)
         import sys
 
         sys.path.insert(0, job["sys_path"])
-    args = parse_args(job["argv"])
+    config = parse_config(job["argv"])
     try:
-        run = build(args, env)
+        trainer = Trainer(config, env)
     except UsageError as exc:  # a combination the CLI refuses at start-up (every rank refuses it the same way)
         if env.is_master:
             torch.save({"refused": str(exc)}, os.path.join(out_dir, f"{job['name']}.pt"))
         distributed.barrier()
         return
-    trainer, data = run.trainer, run.data
     record: dict = {"losses": [], "grads": None}
 
     def save(filename: str) -> None:
@@ -59,8 +57,7 @@ def run_job(env, job: dict, out_dir: str) -> None:
 
     if job.get("resume"):
         state = load_checkpoint(job["resume"])
-        trainer.load_state_dict(state)
-        restore_rank_rng(state["rng"], env.rank, env.world_size, env.device)
+        trainer.load_state_dict(state)  # every part, each rank's own RNG included
         save("reloaded")
 
     engine = trainer.engine
@@ -87,8 +84,7 @@ def run_job(env, job: dict, out_dir: str) -> None:
     for cap, filename in ((job["mid"], "mid"), (job["steps"], "final")):
         if trainer.step >= cap:
             continue
-        data.set_epoch(trainer.epoch, trainer.batch_in_epoch)
-        train_one_epoch(trainer, data, lambda _: None, cap)
+        trainer.run(max_steps=cap)
         save(filename)
     # the bare student called directly (as evaluation does), inside the engine's unsharded() context
     student = trainer.student

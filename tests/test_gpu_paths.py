@@ -19,9 +19,11 @@ from test_train_e2e import _grads_worker
 from training import distributed
 from training.checkpoint import restore_rank_rng
 from training.distill.features import mask_keys, mask_tokens
-from training.main import build, main, same_tokenizer
+from training.main import main
+from training.tokenizers import same_tokenizer
+from training.trainer import Trainer
 from training.models import create_clip
-from training.params import parse_args
+from training.params import parse_config
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +40,20 @@ def argv(world, name="", *extra, batch_size=8, model="tiny-student", epochs=2):
 
 
 def _build(args_list):
-    return build(parse_args(args_list), distributed.init_distributed("cpu"))
+    return Trainer(parse_config(args_list), distributed.init_distributed("cpu"))
 
 
 # ---- bf16 under DDP: the student itself is open_clip's bf16 model ------------------------------------------------
 
 def test_bf16_without_a_sharding_engine_trains_open_clips_bf16_student(world):
-    run = _build(argv(world, "", "--precision", "bf16"))
-    visual = run.trainer.student.visual
+    trainer = _build(argv(world, "", "--precision", "bf16"))
+    visual = trainer.student.visual
     assert visual.conv1.weight.dtype == torch.bfloat16  # the batch is bf16: so are the weights that read it
-    assert run.trainer.student.logit_scale.dtype == torch.float32  # open_clip keeps the scale and norms in fp32
-    run.data.set_epoch(0)
+    assert trainer.student.logit_scale.dtype == torch.float32  # open_clip keeps the scale and norms in fp32
+    trainer.data.set_epoch(0)
     from training.train import train_step
 
-    losses = train_step(run.trainer, next(iter(run.data.dataloader)))
+    losses = train_step(trainer, next(iter(trainer.data.dataloader)))
     assert losses is not None and torch.isfinite(losses["total"])
 
 
@@ -72,23 +74,20 @@ class _Vocab:
 
 
 def test_the_teacher_gets_its_own_tokenizer_when_the_vocabularies_differ():
-    from training.main import build_transforms
+    from training.trainer import build_transforms
     from training.models import ModelBundle
 
     a, b, a_again = _Vocab(0), _Vocab(7), _Vocab(0)
     assert not same_tokenizer(a, b)
     assert same_tokenizer(a, a_again) and same_tokenizer(a, a)
 
-    class Args:
-        seed = 0
-
     model = create_clip("tiny-student", None, torch.device("cpu"))
     from training.data.transforms import ImageFormat
 
     fmt = ImageFormat.from_model(model)
     student, teacher = ModelBundle(model, fmt, a, 16), ModelBundle(model, fmt, b, 16)
-    assert build_transforms(Args, student, teacher).teacher_tokenizer is b
-    assert build_transforms(Args, student, ModelBundle(model, fmt, a_again, 16)).teacher_tokenizer is None
+    assert build_transforms(student, teacher, seed=0).teacher_tokenizer is b
+    assert build_transforms(student, ModelBundle(model, fmt, a_again, 16), seed=0).teacher_tokenizer is None
 
 
 # ---- each rank's own random state, restored on its own rank -----------------------------------------------------
@@ -98,9 +97,9 @@ def _rng_worker(rank, world_size, port, args_list, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     env = distributed.init_distributed("cpu")
-    run = build(parse_args(args_list), env)
+    trainer = Trainer(parse_config(args_list), env)
     torch.rand(rank + 1)  # advance each rank's generator differently
-    state = run.trainer.state_dict()
+    state = trainer.state_dict()
     expected = torch.get_rng_state()
     torch.rand(10)
     restored = restore_rank_rng(state["rng"], env.rank, env.world_size, env.device)
@@ -155,14 +154,13 @@ def test_mfd_gradients_of_two_processes_equal_one(world, tmp_path):
 # ---- BatchNorm under GradCache accumulation ------------------------------------------------------------------
 
 def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch(world):
-    run = _build(argv(world, "", "--accum-freq", "2", batch_size=4, model="tiny-student-rn"))
-    trainer = run.trainer
+    trainer = _build(argv(world, "", "--accum-freq", "2", batch_size=4, model="tiny-student-rn"))
     norms = [m for m in trainer.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms
     reference = create_clip("tiny-student-rn", None, torch.device("cpu"))
     reference.load_state_dict(trainer.student.state_dict())
-    run.data.set_epoch(0)
-    micro = next(iter(run.data.dataloader))
+    trainer.data.set_epoch(0)
+    micro = next(iter(trainer.data.dataloader))
     reference.train()
     with torch.no_grad():
         for b in micro:  # what two plain forwards of the micro-batches do to the statistics
@@ -181,8 +179,8 @@ def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch(world):
 # ---- learnable icl/afd scales: the parameter is clamped, so the gradient survives a bound ------------------------
 
 def test_learned_scales_keep_their_gradient_past_a_bound(world):
-    run = _build(argv(world, "", "--distill", "task=1,icl=1,afd=1"))
-    loss_fn = run.trainer.loss_fn
+    trainer = _build(argv(world, "", "--distill", "task=1,icl=1,afd=1"))
+    loss_fn = trainer.loss_fn
     with torch.no_grad():
         loss_fn.icl_logit_scale.fill_(math.log(100.0) + 0.5)  # crossed the upper bound
         loss_fn.afd_logit_scale.fill_(-0.5)  # and the lower one

@@ -101,21 +101,21 @@ def _grads_worker(rank, world_size, port, argv, out):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from training import distributed
-    from training.main import build
-    from training.params import parse_args
+    from training.params import parse_config
     from training.train import train_step
+    from training.trainer import Trainer
 
-    args = parse_args(argv)
+    config = parse_config(argv)
     env = distributed.init_distributed("cpu")
-    run = build(args, env)
-    run.data.set_epoch(0)
-    batch = next(iter(run.data.dataloader))
-    run.trainer.schedule(0)
-    for group in run.trainer.optimizer.param_groups:
+    trainer = Trainer(config, env)
+    trainer.data.set_epoch(0)
+    batch = next(iter(trainer.data.dataloader))
+    trainer.schedule(0)
+    for group in trainer.optimizer.param_groups:
         group["lr"] = 0.0  # keep the weights: we only want the gradients of the first step
-    losses = train_step(run.trainer, batch)
-    grads = {n: p.grad.clone() for n, p in run.trainer.student.named_parameters() if p.grad is not None}
-    grads.update({f"loss.{n}": p.grad.clone() for n, p in run.trainer.loss_fn.named_parameters()
+    losses = train_step(trainer, batch)
+    grads = {n: p.grad.clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+    grads.update({f"loss.{n}": p.grad.clone() for n, p in trainer.loss_fn.named_parameters()
                   if p.grad is not None})
     torch.save({"grads": grads, "losses": {k: v.detach() for k, v in losses.items()}}, f"{out}.{rank}")
     distributed.cleanup()

@@ -249,7 +249,7 @@ class _BuildStream(IterableDataset):
 @torch.no_grad()
 def embed(teacher, samples: dict, device: torch.device, precision: str) -> tuple[list, list]:
     """Per member: text [n, D] and image [n, K, D] embeddings, fp32, L2-normalised."""
-    from .train import autocast_for, input_dtype
+    from .precision import autocast_for, input_dtype
 
     n, k = samples["pixels"].shape[:2]
     pixels = samples["pixels"].flatten(0, 1).to(device, input_dtype(precision), non_blocking=True)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
+from .errors import UsageError
+
 Section = TypeVar("Section")
 
 CLIPKD_ALIASES = {"alpha_ckd_loss": "crd", "alpha_icl_loss": "icl", "alpha_fd_loss": "fd",
@@ -160,7 +162,12 @@ class ParallelConfig:
 
     @property
     def engine(self) -> str:
-        return "fsdp" if self.fsdp else "deepspeed" if self.deepspeed else "horovod" if self.horovod else "ddp"
+        chosen = [name for name, on in (("fsdp", self.fsdp), ("deepspeed", bool(self.deepspeed)),
+                                        ("horovod", self.horovod)) if on]
+        if len(chosen) > 1:
+            raise UsageError(f"choose one of --fsdp, --deepspeed, --horovod (got "
+                             f"{', '.join('--' + c for c in chosen)})")
+        return chosen[0] if chosen else "ddp"
 
 
 @dataclass(frozen=True)
@@ -237,14 +244,16 @@ class Config:
     def seed(self) -> int:
         return self.runtime.seed
 
-    def with_run_name(self) -> Config:
-        """The run folder's name: --name, else a timestamp and the models (what open_clip_train does)."""
+    def default_run_name(self) -> str:
+        """--name, else a timestamp and the models (as open_clip_train names its runs)."""
         if self.logging.name:
-            return self
+            return self.logging.name
         teacher = "-".join(os.path.splitext(os.path.basename(t))[0] for t in self.teacher.models) or "none"
         model = os.path.splitext(os.path.basename(self.model.model))[0]
-        name = (f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-model_{model}-teacher_{teacher}-lr_{self.optim.lr:g}"
+        return (f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-model_{model}-teacher_{teacher}-lr_{self.optim.lr:g}"
                 f"-b_{self.data.batch_size}")
+
+    def with_run_name(self, name: str) -> Config:
         return self.replace(logging=dataclasses.replace(self.logging, name=name))
 
 

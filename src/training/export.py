@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from .checkpoint import atomic_save
-from .errors import UsageError
+from .errors import UsageError, run_cli
+from .fileio import atomic_path, torch_save
 
 
 def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
@@ -39,29 +39,31 @@ def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
     if out.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out + ".tmp"
-        save_file(clean, tmp)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            save_file(clean, tmp)
     else:
-        atomic_save(clean, out)
+        torch_save(clean, out)
     return clip.arch_name
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="training checkpoint (logs/<name>/checkpoints/epoch_N.pt)")
     p.add_argument("out", help="output file (.pt or .safetensors)")
     p.add_argument("--model", default=None, help="architecture (default: the one recorded in the checkpoint)")
-    args = p.parse_args(argv)
-    try:
-        arch = export_student(args.checkpoint, args.out, args.model)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return p
+
+
+def run(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    arch = export_student(args.checkpoint, args.out, args.model)
     print(f"wrote {args.out}; load it with: import training, open_clip; "
           f"open_clip.create_model_and_transforms({arch!r}, pretrained={args.out!r})")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,13 @@ class Engine:
     def load_optimizer_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    def state_dict(self) -> dict:  # TEMPORARY (the parallel package split brings the real one)
+        return {"model": self.model_state_dict(), "optimizer": self.optimizer_state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_model_state_dict(state["model"])
+        self.load_optimizer_state_dict(state["optimizer"])
+
     def unsharded(self):
         return contextlib.nullcontext()
 

@@ -335,6 +335,8 @@ def validate_args(args: argparse.Namespace) -> Config:
         raise UsageError(f"--teacher {teacher.teacher!r} names no model")
     if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
         raise UsageError(f"--name {name!r} must stay inside --logs (no absolute path, no '..')")
+    if config.checkpoint.resume == "latest" and not name:
+        raise UsageError("--resume latest needs --name (the run folder to resume)")
     member = distill.kd_teacher_member
     if member is not None and teacher.models and member >= len(teacher.models):
         raise UsageError(f"--kd-teacher-member {member} is out of range for {len(teacher.models)} --teacher "

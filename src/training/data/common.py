@@ -95,3 +95,10 @@ class DataInfo:
         """Deterministic order for (seed, epoch); skip the first `start_batch` batches (mid-epoch resume)."""
         if self.set_epoch_fn is not None:
             self.set_epoch_fn(epoch, start_batch)
+
+    def state_dict(self):  # TEMPORARY (the data package split brings the real one)
+        return self.extra["state_fn"]() if "state_fn" in self.extra else None
+
+    def load_state_dict(self, states: list) -> None:
+        if "load_state_fn" in self.extra:
+            self.extra["load_state_fn"](states)

@@ -1,0 +1,271 @@
+"""The Trainer: built from a Config, it owns every part of a run; `train()` is the loop.
+
+    trainer = Trainer(config, env)   # models, loss, engine, data, schedule, checkpoints, evaluation
+    trainer.train()                  # resume, then step until --epochs, --max-steps or a stop request
+
+One optimizer step (data -> teacher -> student -> loss -> update) lives in training/train.py; each component decides
+its own cadence: the checkpoint manager when to save, the evaluator what is due at an epoch end, the loop when to log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import distributed, parallel
+from .accumulation import group_micro_batches
+from .checkpoint import CheckpointManager
+from .config import Config
+from .data import DataTransforms, get_data
+from .data.transforms import EvalTransform, PairedViews
+from .distill.features import check_masking_supported
+from .errors import UsageError
+from .logger import MetricLogger
+from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
+from .optim import create_optimizer, param_groups
+from .precision import make_grad_scaler, resolve
+from .preemption import StopRequest
+from .scheduler import LRSchedule
+from .tokenizers import same_tokenizer
+from .train import accumulated_step, train_step
+
+STOP_FILE = "stop"  # <logs>/<name>/stop: finish the step, checkpoint and exit (the sbatch scripts' USR1 trap)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    is_master: bool = True
+    step: int = 0  # optimizer steps taken (a step skipped for a non-finite loss does not count)
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    skipped: Counter = field(default_factory=Counter)  # bad samples by reason, this rank's since the start/resume
+
+    def state_dict(self) -> dict:  # collective (the skipped totals are summed over ranks)
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                "nonfinite_total": self.nonfinite_total, "skipped": distributed.sum_counters(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        # the saved totals live on rank 0 again: logging sums the ranks' counters
+        self.skipped = Counter(state.get("skipped", {})) if self.is_master else Counter()
+
+
+def _legacy_args(config: Config) -> argparse.Namespace:  # TEMPORARY: for the layers not yet on config sections
+    from .config import comma_list
+
+    return argparse.Namespace(**config.flat(), teacher_list=config.teacher.models,
+                              teacher_pretrained_list=comma_list(config.teacher.teacher_pretrained),
+                              distill_overrides=config.distill.overrides)
+
+
+def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: int, cache=None) -> DataTransforms:
+    """One random view rendered for both models; the teacher's own tokenizer only when it differs."""
+    teacher_fmt = teacher.image_format if teacher else None
+    teacher_tok = None
+    if teacher and not same_tokenizer(teacher.tokenizer, student.tokenizer):
+        teacher_tok = teacher.tokenizer
+        logging.info("the teacher tokenises captions with its own tokenizer (%s, context %d)",
+                     type(teacher_tok).__name__, teacher.context_length)
+    return DataTransforms(
+        tokenizer=student.tokenizer, teacher_tokenizer=teacher_tok,
+        train_views=PairedViews(student.image_format, teacher_fmt, train=True, seed=seed),
+        val_views=PairedViews(student.image_format, teacher_fmt, train=False), teacher_cache=cache)
+
+
+class Trainer:
+    def __init__(self, config: Config, env: distributed.DistEnv):
+        from .distill import distill_loss_from_args
+        from .evaluate import evaluate_in_training, validate_eval_args
+
+        self.config, self.env = config, env
+        legacy = _legacy_args(config)
+        validate_eval_args(legacy)  # a bad eval path fails now, not after the first epoch
+        self._evaluate = evaluate_in_training
+        seed_everything(config.seed)  # same seed on every rank: identical student init and loss-side heads
+        self.precision = resolve(config.runtime.precision, env.device, config.runtime.amp_fp16_on_cpu)
+        engine_name = config.parallel.engine
+        # --precision bf16: FSDP2 and DeepSpeed cast the weights themselves (fp32 master weights); DDP and Horovod
+        # train open_clip's bf16 model, as open_clip does
+        self.student_bundle = create_student(legacy, env.device, low_precision="bf16" if
+                                             self.precision.low_precision_weights and engine_name in
+                                             ("ddp", "horovod") else None)
+        self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
+        cache, teacher_bundle = None, None
+        if config.teacher.teacher_cache:  # cached teacher embeddings: no teacher is built or run
+            from .teacher_cache import open_for_training
+
+            cache, self.teacher = open_for_training(legacy)
+        else:
+            self.teacher, teacher_bundle = create_teacher(legacy, env.device)
+        teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
+        members = list(self.teacher.members) if isinstance(self.teacher, Teacher) else None  # feat: live towers
+        self.loss_fn = distill_loss_from_args(legacy, embed_dim(self.student), teacher_dims,
+                                              student_model=self.student, teacher_model=members).to(env.device)
+        if self.loss_fn.needs_teacher and self.teacher is None:
+            raise UsageError("the --distill spec has teacher terms but no --teacher was given")
+        self.loss_fn.sync_()
+        logging.info("distillation: %s", self.loss_fn.describe())
+
+        forward = StudentModel(self.student).to(env.device)
+        forward.mask_ratio = float(self.loss_fn.mask_ratio or 0.0)
+        if forward.mask_ratio > 0:
+            check_masking_supported(self.student.visual)  # mfd: ViT students only, clear error otherwise
+        if self.loss_fn.needs_intermediates:  # feat: both models return the chosen layers' tokens from one forward
+            layers = self.loss_fn.feat_layers_for("student")
+            forward.image_layers, forward.text_layers = layers.get("image"), layers.get("text")
+            self.teacher.set_intermediate_layers(self.loss_fn.feat_layers_for("teacher"),
+                                                 member=config.distill.kd_teacher_member or 0)
+        self.scaler = make_grad_scaler(self.precision, sharded=engine_name == "fsdp")
+        optim = config.optim
+        self.engine = parallel.wrap(legacy, env, forward, self.loss_fn, self.teacher,
+                                    make_groups=lambda: param_groups(self.student, self.loss_fn, optim.wd),
+                                    make_optimizer=lambda groups: create_optimizer(groups, optim),
+                                    scaler=self.scaler)
+        logging.info("student engine: %s", self.engine.describe())
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
+
+        transforms = build_transforms(self.student_bundle, teacher_bundle, config.seed, cache)
+        data = get_data(legacy, transforms, epoch=0, image_size=self.student_bundle.image_format.size)["train"]
+        self.data = group_micro_batches(data, optim.accum_freq)  # --accum-freq K: K micro-batches per step
+        self.schedule = LRSchedule(self.optimizer, optim.lr, optim.warmup, self.data.num_batches * optim.epochs,
+                                   optim.lr_scheduler)
+        run_dir, report_to = config.logging.run_dir, config.logging.report_to
+        self.metrics = MetricLogger(f"{run_dir}/tensorboard" if run_dir and "tensorboard" in report_to else None,
+                                    enabled=env.is_master)
+        self.state = TrainState(is_master=env.is_master)
+        self.checkpointer = CheckpointManager(
+            config.checkpoint, f"{run_dir}/checkpoints" if run_dir else None, env, engine=self.engine,
+            loss=self.loss_fn, scaler=self.scaler, train=self.state, data=self.data, record=config.flat(),
+            num_batches=self.data.num_batches, epochs=optim.epochs)
+        self.stop = StopRequest(f"{run_dir}/{STOP_FILE}" if run_dir else None, env.device, env.is_master)
+        # Identical weights everywhere are built; from here on each rank draws its own randomness (dropout,
+        # drop-path), as open_clip does. Patch masks and augmentation have their own seeds (process-count free).
+        seed_everything(config.seed + env.rank)
+
+    # ---- where the run is ----------------------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.state.batch_in_epoch
+
+    def state_dict(self) -> dict:
+        """The checkpoint's content (collective under FSDP2/DeepSpeed: every rank calls it, rank 0 saves)."""
+        return self.checkpointer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.checkpointer.load_state_dict(state)
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Resume (--resume), then train to the end, --max-steps or a stop request; checkpoints as configured."""
+        self.checkpointer.resume()
+        self.stop.install()
+        try:
+            self.run(self.config.optim.max_steps)
+        finally:
+            self.stop.uninstall()
+        if self.stop.agreed_reason:
+            logging.info("stopped at step %d (%s): checkpoint written, continue with --resume latest --name %s",
+                         self.step, self.stop.agreed_reason, self.config.logging.name)
+        self.metrics.close()
+
+    def run(self, max_steps: int | None = None) -> None:
+        """Steps from the current position until the last epoch ends, `max_steps` is reached or a stop request."""
+        state = self.state
+        self.model.train()
+        window, end = Counter(), time.perf_counter()
+        for batch in self.batches():  # a batch, or with --accum-freq K a list of K micro-batches
+            window["data_time"] += time.perf_counter() - end
+            losses = self.train_step(batch)
+            window["batch_time"] += time.perf_counter() - end
+            window["n"] += 1
+            end = time.perf_counter()
+            epoch_done = state.batch_in_epoch == self.data.num_batches
+            if losses is not None and (state.step % self.config.logging.log_every_n_steps == 0 or epoch_done):
+                self.log_step(losses, window, batch)
+                window = Counter()
+            stopping = (max_steps is not None and state.step >= max_steps) or self.stop.should_stop()  # collective
+            if epoch_done:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            filename = self.checkpointer.due(step=state.step, epoch=state.epoch, epoch_done=epoch_done,
+                                             stopping=stopping)
+            if filename:
+                self.checkpointer.save(filename)
+            if epoch_done and not self.stop.agreed_reason:
+                self.evaluate(state.epoch)
+            if stopping:
+                return
+
+    def batches(self):
+        """The batches from the current position to the end of the last epoch."""
+        state, data = self.state, self.data
+        while state.epoch < self.config.optim.epochs:
+            if state.batch_in_epoch >= data.num_batches:  # resumed from the end of an epoch
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                continue
+            data.set_epoch(state.epoch, state.batch_in_epoch)
+            yield from data.dataloader
+
+    def train_step(self, batch) -> dict[str, torch.Tensor] | None:
+        """One optimizer step; None when it was skipped for a non-finite loss."""
+        micro = batch if isinstance(batch, list) else [batch]
+        self.schedule(self.state.step)
+        for b in micro:
+            self.state.skipped.update(b.get("skipped", {}))
+        losses = accumulated_step(self, micro) if len(micro) > 1 else train_step(self, micro[0])
+        self.state.batch_in_epoch += 1
+        if losses is not None:
+            self.state.step += 1
+        return losses
+
+    def evaluate(self, epoch: int) -> None:
+        with self.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
+            results = self._evaluate(self.student, EvalTransform(self.student_bundle.image_format),
+                                     self.student_bundle.tokenizer, _legacy_args(self.config), epoch, self.env.device)
+        if results:
+            self.metrics.log(self.state.step, results, prefix="eval")
+
+    def log_step(self, losses: dict, window: Counter, batch) -> None:
+        state = self.state
+        micro = batch if isinstance(batch, list) else [batch]
+        metrics: dict[str, float] = {name: float(v.detach()) for name, v in losses.items()}
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["epoch"] = state.epoch + state.batch_in_epoch / max(1, self.data.num_batches)
+        metrics["student_scale"] = float(self.student.logit_scale.detach().exp())
+        for name, weight in self.loss_fn.effective_weights(state.step).items():
+            metrics[f"weight/{name}"] = float(weight)
+        n = max(1, window["n"])
+        samples = sum(len(b["key"]) for b in micro) * self.env.world_size
+        metrics["samples_per_s"] = samples * n / max(window["batch_time"], 1e-9)
+        metrics["data_time"] = window["data_time"] / n
+        metrics["batch_time"] = window["batch_time"] / n
+        # Bad samples are counted, never fatal: totals summed over ranks (every rank takes part in the gather).
+        for name, count in sorted(distributed.sum_counters(state.skipped).items()):
+            metrics[f"skipped/{name}"] = float(count)
+        metrics["nonfinite_skipped_steps"] = float(state.nonfinite_total)
+        self.metrics.log(state.step, metrics)
