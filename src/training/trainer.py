@@ -209,16 +209,17 @@ class Trainer:
             if losses is not None and (state.step % self.config.logging.log_every_n_steps == 0 or epoch_done):
                 self.log_step(losses, window, batch)
                 window = Counter()
-            stopping = (max_steps is not None and state.step >= max_steps) or self.stop.should_stop()  # collective
+            preempted = self.stop.should_stop()  # collective: every rank, every step
+            finished = max_steps is not None and state.step >= max_steps
             if epoch_done:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             filename = self.checkpointer.due(step=state.step, epoch=state.epoch, epoch_done=epoch_done,
-                                             stopping=stopping)
+                                             finished=finished, preempted=preempted)
             if filename:
                 self.checkpointer.save(filename)
-            if epoch_done and not self.stop.agreed_reason:
+            if epoch_done and not preempted:  # a preempted job has minutes left: no evaluation
                 self.evaluate(state.epoch)
-            if stopping:
+            if finished or preempted:
                 return
 
     def batches(self):

@@ -92,15 +92,19 @@ class CheckpointManager:
             self.data.load_state_dict(state["data_state"])
 
     # ---- cadence -------------------------------------------------------------------------------------------------
-    def due(self, *, step: int, epoch: int, epoch_done: bool, stopping: bool) -> str | None:
-        """The file to write after this step, or None. An epoch end saves epoch_N.pt every --save-frequency epochs
-        and always at the last epoch (resume, export); mid-epoch, step_N.pt every --save-every-n-steps steps; a
-        stop (--max-steps, preemption) always saves."""
+    def due(self, *, step: int, epoch: int, epoch_done: bool, finished: bool = False, preempted: bool = False
+            ) -> str | None:
+        """The file to write after this step, or None. A stop request always writes step_N.pt (what the sbatch
+        trap's requeue resumes). An epoch end writes epoch_N.pt every --save-frequency epochs, at the last epoch
+        (resume, export) and when --max-steps ends the run there; mid-epoch, step_N.pt every --save-every-n-steps
+        steps and when --max-steps is reached."""
+        if preempted:
+            return f"step_{step}.pt"
         if epoch_done:
             periodic = self.config.save_frequency > 0 and epoch % self.config.save_frequency == 0
-            return f"epoch_{epoch}.pt" if periodic or epoch == self.epochs or stopping else None
+            return f"epoch_{epoch}.pt" if periodic or epoch == self.epochs or finished else None
         every = self.config.save_every_n_steps
-        return f"step_{step}.pt" if stopping or (every and step % every == 0) else None
+        return f"step_{step}.pt" if finished or (every and step % every == 0) else None
 
     def save(self, filename: str) -> None:
         """Collective. Rank 0 writes the file atomically, points `latest.txt` at it, and prunes to --keep-last-k."""
