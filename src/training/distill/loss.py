@@ -219,8 +219,9 @@ class DistillLoss(nn.Module):
         return [g for g in groups if g["params"]]
 
     def learned_scale(self, name: str) -> torch.Tensor:
-        """Value of a learnable loss-side scale ('icl' or 'afd'): exp(·) of its log-space parameter, which
-        `clamp_scales_` keeps in [0, ln 100] after each step; the raw multiplier with compat."""
+        """Value of the learnable loss-side scale `<name>_logit_scale` ('icl' or 'afd', registry.py): exp(·) of its
+        log-space parameter, which `clamp_scales_` keeps in [0, ln 100] after each step; the raw multiplier with
+        compat."""
         param = getattr(self, f"{name}_logit_scale")
         return param if self.compat == "clipkd" else param.exp()
 

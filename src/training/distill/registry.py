@@ -95,7 +95,7 @@ class Term:
     options: tuple[str, ...] = ()
 
 
-REGISTRY: dict[str, Term] = {}  # in registration order: the order of the loss's output dict
+REGISTRY: dict[str, Term] = {}  # in registration order: the order of the loss-side parameters and of VALID_TERMS
 
 
 def register(name: str, description: str, **needs) -> Callable:

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from ..models.towers import DistillSpecError
 from .registry import REGISTRY, needs
 
-TERMS: dict[str, str] = {name: term.description for name, term in REGISTRY.items()}  # output order
+TERMS: dict[str, str] = {name: term.description for name, term in REGISTRY.items()}  # in registration order
 VALID_TERMS = tuple(TERMS)
-KD_TERMS = tuple(t for t in VALID_TERMS if t != "task")
 EMB_METRICS = ("mse", "l1", "smooth_l1", "cosine")
 SYNTAX = "term=weight[@warmup:a:b|@from:k],... (e.g. \"task=1,crd=1,icl=1,fd=2000@warmup:0:5000\")"
 

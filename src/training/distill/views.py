@@ -80,6 +80,7 @@ class Views:
         self.s_kd = (loss.student_kd_logit_scale if loss.student_kd_logit_scale is not None else self.ls)
 
     def cached(self, key, fn):
+        """`fn()`, computed once per loss call under `key` (terms share their derived tensors this way)."""
         if key not in self._cache:
             self._cache[key] = fn()
         return self._cache[key]
