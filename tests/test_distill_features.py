@@ -7,18 +7,17 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 
 import training  # noqa: F401  (registers the shipped model configs)
-from training.distill import DistillSpecError, build_distill_loss, distill_loss_from_args
-from training.distill.features import (
+from training.distill import DistillSpecError, build_distill_loss, create_distill_loss
+from training.distill.features import default_pairs, resolve_feat_pairs
+from training.models.towers import (
     check_masking_supported,
-    default_pairs,
     encode_image_with_options,
     encode_text_with_options,
     forward_features,
     mask_tokens,
-    resolve_feat_pairs,
     tower_widths,
 )
-from training.params import parse_args
+from training.params import parse_config
 
 torch.set_num_threads(1)
 
@@ -156,8 +155,8 @@ def test_resolve_feat_pairs(models):
 def test_feat_end_to_end(models, batch, student_name):
     student, teacher = models[student_name], models["tiny-teacher"]
     image, text = batch
-    args = parse_args(["--distill", "task=1,feat=1"])
-    loss = distill_loss_from_args(args, 64, 128, student_model=student, teacher_model=teacher)
+    args = parse_config(["--distill", "task=1,feat=1"])
+    loss = create_distill_loss(args.distill, 64, 128, seed=0, student_model=student, teacher_model=teacher)
     assert loss.needs_intermediates and loss.needs_teacher_internals
     s_layers, t_layers = loss.feat_layers_for("student"), loss.feat_layers_for("teacher")
     s = forward_features(student, image, text, image_layers=s_layers["image"], text_layers=s_layers["text"])

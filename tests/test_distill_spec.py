@@ -8,13 +8,13 @@ from training.distill import (
     DistillSpecError,
     WeightSchedule,
     build_distill_loss,
-    distill_loss_from_args,
+    create_distill_loss,
     parse_feat_layers,
     parse_spec,
     resolve_spec,
 )
 from training.distill.spec import check_combinations
-from training.params import UsageError, parse_args
+from training.params import UsageError, parse_args, parse_config
 
 
 def test_parse_spec_weights_and_bare_terms():
@@ -108,21 +108,22 @@ def test_resolution_order():
 
 
 def test_distill_loss_from_args():
-    args = parse_args(["--alpha_ckd_loss", "1", "--alpha_icl_loss", "1", "--alpha_fd_loss", "2000"])
-    loss = distill_loss_from_args(args, 8, [16])
+    args = parse_config(["--alpha_ckd_loss", "1", "--alpha_icl_loss", "1", "--alpha_fd_loss", "2000"])
+    loss = create_distill_loss(args.distill, 8, [16], seed=0)
     assert loss.spec == "task=1,crd=1,icl=1,fd=2000"
     assert loss.proj_image.in_features == 8 and loss.proj_image.out_features == 16
     assert not loss.local_loss and not loss.gather_with_grad
 
-    loss = distill_loss_from_args(parse_args(["--recipe", "tinyclip"]), 8, 8)
+    loss = create_distill_loss(parse_config(["--recipe", "tinyclip"]).distill, 8, 8, seed=0)
     assert loss.spec == "crd=1" and loss.teacher_logit_scale == 50.0 and loss.student_kd_logit_scale == 50.0
-    loss = distill_loss_from_args(parse_args(["--recipe", "tinyclip", "--teacher-logit-scale", "70"]), 8, 8)
+    loss = create_distill_loss(parse_config(["--recipe", "tinyclip", "--teacher-logit-scale", "70"]).distill, 8, 8,
+                               seed=0)
     assert loss.teacher_logit_scale == 70.0  # explicit flag beats the preset default
 
-    args = parse_args(["--distill", "task=1,xkd=1,afd=1,emb_text=2,mfd=1", "--recipe", "clip-kd", "--kd-compat",
+    args = parse_config(["--distill", "task=1,xkd=1,afd=1,emb_text=2,mfd=1", "--recipe", "clip-kd", "--kd-compat",
                        "clipkd", "--kd-auto-balance", "uncertainty", "--local-loss", "--gather-with-grad",
                        "--kd-temperature", "4", "--emb-metric", "cosine", "--mask-ratio", "0.6"])
-    loss = distill_loss_from_args(args, 8, [8, 8])
+    loss = create_distill_loss(args.distill, 8, [8, 8], seed=0)
     assert loss.spec == "task=1,xkd=1,afd=1,emb_text=2,mfd=1"
     assert (loss.compat, loss.auto_balance, loss.local_loss, loss.gather_with_grad) == ("clipkd", "uncertainty",
                                                                                         True, True)
@@ -130,14 +131,15 @@ def test_distill_loss_from_args():
     assert loss.feature_teacher_dim == 16 and set(loss.log_vars) == {"task", "xkd", "afd", "emb_text", "mfd"}
     desc = loss.describe()
     assert "local loss" in desc and "tau=4" in desc and "compat=clipkd" in desc and "\n" not in desc
-    assert distill_loss_from_args(parse_args(["--recipe", "open_clip"]), 8, 8).crd_soft_ce
-    member = distill_loss_from_args(parse_args(["--distill", "fd=1", "--kd-teacher-member", "1"]), 8, [8, 4])
+    assert create_distill_loss(parse_config(["--recipe", "open_clip"]).distill, 8, 8, seed=0).crd_soft_ce
+    member = create_distill_loss(parse_config(["--distill", "fd=1", "--kd-teacher-member", "1"]).distill, 8, [8, 4],
+                                 seed=0)
     assert member.feature_teacher_dim == 4 and member.proj_image.out_features == 4
 
     with pytest.raises(DistillSpecError, match="unknown distillation term 'fdd'.*valid terms"):
-        distill_loss_from_args(parse_args(["--distill", "task=1,fdd=1"]), 8, 8)
+        create_distill_loss(parse_config(["--distill", "task=1,fdd=1"]).distill, 8, 8, seed=0)
     with pytest.raises(DistillSpecError, match="feat needs the student and teacher models"):
-        distill_loss_from_args(parse_args(["--distill", "feat=1"]), 8, 8)
+        create_distill_loss(parse_config(["--distill", "feat=1"]).distill, 8, 8, seed=0)
 
 
 def test_parse_feat_layers():

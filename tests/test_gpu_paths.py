@@ -18,11 +18,11 @@ from helpers import free_port, kd_world
 from test_train_e2e import _grads_worker
 from training import distributed
 from training.checkpoint import restore_rank_rng
-from training.distill.features import mask_keys, mask_tokens
 from training.main import main
 from training.tokenizers import same_tokenizer
 from training.trainer import Trainer
 from training.models import create_clip
+from training.models.towers import mask_keys, mask_tokens
 from training.params import parse_config
 
 

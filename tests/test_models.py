@@ -10,7 +10,7 @@ import torch
 
 import training  # noqa: F401  (registers the project's model configs)
 from training.models import Teacher, create_clip, load_weights, lock_towers, read_state_dict, resolve_model_name
-from training.params import UsageError, parse_args
+from training.params import UsageError, parse_config
 
 SHIPPED = ["ViT-T-16", "timm-resnet18", "timm-mobilevit_s", "timm-swin_tiny_patch4_window7_224",
            "timm-mobilenetv3_small_100", "timm-efficientnet_b0"]
@@ -132,7 +132,7 @@ def _trainable(module):
 def test_lock_towers_follow_open_clip():
     def student(*flags):
         clip = create_clip("tiny-student", None, torch.device("cpu"))
-        lock_towers(clip, parse_args(list(flags)))
+        lock_towers(clip, parse_config(list(flags)).model)
         return clip
 
     everything = _trainable(create_clip("tiny-student", None, torch.device("cpu")))
@@ -153,7 +153,7 @@ def test_lock_towers_follow_open_clip():
 
 def test_lock_freeze_bn_stats_on_a_timm_tower():
     clip = create_clip("tiny-student-rn", None, torch.device("cpu"))
-    lock_towers(clip, parse_args(["--lock-image", "--lock-image-freeze-bn-stats"]))
+    lock_towers(clip, parse_config(["--lock-image", "--lock-image-freeze-bn-stats"]).model)
     assert not any(n.startswith("visual.trunk.") for n in _trainable(clip))
     assert "visual.head.proj.weight" in _trainable(clip)  # open_clip's timm lock freezes the trunk only
     bn = [m for m in clip.visual.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -167,10 +167,10 @@ def test_a_tower_that_cannot_be_locked_gives_one_line(tmp_path):
     path.write_text(json.dumps(cfg))
     clip = create_clip(str(path), None, torch.device("cpu"))
     with pytest.raises(UsageError) as info:
-        lock_towers(clip, parse_args(["--lock-image", "--lock-image-unlocked-groups", "1"]))
+        lock_towers(clip, parse_config(["--lock-image", "--lock-image-unlocked-groups", "1"]).model)
     msg = str(info.value)
     assert "--lock-image" in msg and "ModifiedResNet" in msg and "partial locking" in msg and "\n" not in msg
-    lock_towers(clip, parse_args(["--lock-image"]))  # the whole tower locks fine
+    lock_towers(clip, parse_config(["--lock-image"]).model)  # the whole tower locks fine
     assert not any(n.startswith("visual.") for n in _trainable(clip))
 
 

@@ -297,6 +297,7 @@ def build_cache(args, env: distributed.DistEnv) -> dict | None:
     """Build (or complete) the cache in args.out; returns the manifest on rank 0."""
     from tqdm import tqdm
 
+    from .config import Config
     from .models import create_teacher
 
     if not args.teacher_list:
@@ -315,7 +316,7 @@ def build_cache(args, env: distributed.DistEnv) -> dict | None:
     identity, tasks, table = plan_csv(args) if kind == "csv" else plan_wds(args)
 
     torch.manual_seed(args.seed)
-    teacher, bundle = create_teacher(args, env.device)
+    teacher, bundle = create_teacher(Config.from_args(args).teacher, env.device, precision)
     fmt = bundle.image_format
     config = {
         "format": FORMAT,

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from . import accumulation, distributed
-from .distill.features import mask_keys
 from .errors import NonFiniteLossError
+from .models.towers import mask_keys
 
 
 def teacher_outputs(trainer, batch: dict, image: torch.Tensor, text: torch.Tensor) -> dict:

@@ -25,10 +25,10 @@ from .checkpoint import CheckpointManager
 from .config import Config
 from .data import DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
-from .distill.features import check_masking_supported
 from .errors import UsageError
 from .logger import MetricLogger
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
+from .models.towers import check_masking_supported
 from .optim import create_optimizer, param_groups
 from .precision import make_grad_scaler, resolve
 from .preemption import StopRequest
@@ -92,7 +92,7 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
 
 class Trainer:
     def __init__(self, config: Config, env: distributed.DistEnv):
-        from .distill import distill_loss_from_args
+        from .distill import create_distill_loss
         from .evaluate import evaluate_in_training, validate_eval_args
 
         self.config, self.env = config, env
@@ -104,7 +104,7 @@ class Trainer:
         engine_name = config.parallel.engine
         # --precision bf16: FSDP2 and DeepSpeed cast the weights themselves (fp32 master weights); DDP and Horovod
         # train open_clip's bf16 model, as open_clip does
-        self.student_bundle = create_student(legacy, env.device, low_precision="bf16" if
+        self.student_bundle = create_student(config.model, env.device, low_precision="bf16" if
                                              self.precision.low_precision_weights and engine_name in
                                              ("ddp", "horovod") else None)
         self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
@@ -114,11 +114,11 @@ class Trainer:
 
             cache, self.teacher = open_for_training(legacy)
         else:
-            self.teacher, teacher_bundle = create_teacher(legacy, env.device)
+            self.teacher, teacher_bundle = create_teacher(config.teacher, env.device, config.runtime.precision)
         teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
         members = list(self.teacher.members) if isinstance(self.teacher, Teacher) else None  # feat: live towers
-        self.loss_fn = distill_loss_from_args(legacy, embed_dim(self.student), teacher_dims,
-                                              student_model=self.student, teacher_model=members).to(env.device)
+        self.loss_fn = create_distill_loss(config.distill, embed_dim(self.student), teacher_dims, seed=config.seed,
+                                           student_model=self.student, teacher_model=members).to(env.device)
         if self.loss_fn.needs_teacher and self.teacher is None:
             raise UsageError("the --distill spec has teacher terms but no --teacher was given")
         self.loss_fn.sync_()

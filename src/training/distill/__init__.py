@@ -1,22 +1,18 @@
-"""The distillation loss zoo: terms (plain functions), the spec language and presets, and `DistillLoss`.
+"""The distillation loss zoo: terms (plain functions), their registry, the spec language and presets, `DistillLoss`.
 
     from training.distill import build_distill_loss
     loss_fn = build_distill_loss("task=1,crd=1,icl=1,fd=2000", student_dim=d_s, teacher_dim=d_t)
     out = loss_fn(student_image=s_v, student_text=s_t, student_scale=ls,
                   teacher_image=t_v, teacher_text=t_t, teacher_scale=lt)   # {term: weighted value, "total": sum}
 
-Model-side helpers for `mfd`/`feat` (masked ViT forward, intermediate tokens) live in `training.distill.features`.
+A term is registered once in `registry.py` (what it needs, its parameters, its function). The model side of
+`mfd`/`feat` (masked ViT forward, intermediate tokens) is tower surgery: `training.models.towers`.
 """
 
-from . import features, terms
-from .features import (
-    check_masking_supported,
-    encode_image_with_options,
-    encode_text_with_options,
-    forward_features,
-    resolve_feat_pairs,
-)
-from .loss import DistillLoss, build_distill_loss, distill_loss_from_args
+from . import features, registry, terms
+from .features import resolve_feat_pairs
+from .loss import DistillLoss, build_distill_loss, create_distill_loss
+from .registry import REGISTRY, Param, Term, register
 from .spec import (
     PRESETS,
     TERMS,
@@ -33,8 +29,7 @@ from .spec import (
 )
 
 __all__ = [
-    "DistillLoss", "DistillSpecError", "FeatPair", "PRESETS", "ResolvedSpec", "TERMS", "VALID_TERMS",
-    "WeightSchedule", "build_distill_loss", "distill_loss_from_args", "parse_feat_layers", "parse_schedule",
-    "parse_spec", "preset", "resolve_spec", "terms", "features", "check_masking_supported",
-    "encode_image_with_options", "encode_text_with_options", "forward_features", "resolve_feat_pairs",
+    "DistillLoss", "DistillSpecError", "FeatPair", "PRESETS", "Param", "REGISTRY", "ResolvedSpec", "TERMS", "Term",
+    "VALID_TERMS", "WeightSchedule", "build_distill_loss", "create_distill_loss", "features", "parse_feat_layers",
+    "parse_schedule", "parse_spec", "preset", "register", "registry", "resolve_feat_pairs", "resolve_spec", "terms",
 ]

@@ -5,7 +5,7 @@ Distributed exactness (docs/losses.md, "Gathering"): for a fixed global batch, t
 gradients after DDP's gradient averaging equal the 1-process result, for every term:
 - global loss (rows = G): every rank evaluates the same global loss. With gather_with_grad the all-gather's
   backward sums every rank's gradient into the owner's rows (N × dL/ds_r); without it only the own slice is in the
-  graph, so its gradient is multiplied by N in the backward (`_GradScale`), which gives the same N × dL/ds_r.
+  graph, so its gradient is multiplied by N in the backward (`views._GradScale`), which gives the same N × dL/ds_r.
 - local loss (rows = local B, labels rank·B + arange(B)): rank r evaluates L_r, the global loss is mean_r L_r and
   the gathered columns need gather_with_grad for exact gradients (as in open_clip).
 - `gd` is not separable over rows (its key gradients sum over all anchors), so it always uses the global rows.
@@ -24,38 +24,20 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from . import terms as T
+from ..config import DistillConfig
+from .features import resolve_feat_pairs
+from .registry import REGISTRY, Shapes, all_params, needs, params_of
 from .spec import (
     EMB_METRICS,
-    TERMS,
-    DistillSpecError,
     FeatPair,
     ResolvedSpec,
+    SpecError,
     WeightSchedule,
     parse_schedule,
     parse_spec,
     resolve_spec,
 )
-
-INIT_LOGIT_SCALE = math.log(1 / 0.07)  # 2.659260: log of CLIP's 1/0.07; CLIP-KD used this value as a raw multiplier
-PROJECTED_TERMS = ("fd", "mfd", "icl", "xkd", "gd", "afd")  # use ŝ = normalize(P(s)) on both modalities
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `factor` in the backward."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+from .views import Views, as_list
 
 
 class DistillLoss(nn.Module):
@@ -79,29 +61,30 @@ class DistillLoss(nn.Module):
             spec = parse_spec(spec)
         schedules = {}
         for name, value in dict(spec).items():
-            if name not in TERMS:
-                raise DistillSpecError(f"unknown distillation term '{name}'")
+            if name not in REGISTRY:
+                raise SpecError(f"unknown distillation term '{name}'")
             schedules[name] = value if isinstance(value, WeightSchedule) else parse_schedule(str(value), name)
         # terms with a constant weight of 0 do not exist at all (no parameters, never computed)
         self.schedules: dict[str, WeightSchedule] = {k: v for k, v in schedules.items() if v.active}
         if not self.schedules:
-            raise DistillSpecError("every term of the spec has weight 0: nothing to optimise")
+            raise SpecError("every term of the spec has weight 0: nothing to optimise")
         active = set(self.schedules)
 
         # ---- options ------------------------------------------------------------------------------------
         if compat not in ("none", "clipkd"):
-            raise DistillSpecError(f"unknown kd compat mode '{compat}' (none, clipkd)")
+            raise SpecError(f"unknown kd compat mode '{compat}' (none, clipkd)")
         if auto_balance not in ("none", "uncertainty"):
-            raise DistillSpecError(f"unknown kd auto-balance mode '{auto_balance}' (none, uncertainty)")
+            raise SpecError(f"unknown kd auto-balance mode '{auto_balance}' (none, uncertainty)")
         if emb_metric not in EMB_METRICS:
-            raise DistillSpecError(f"unknown emb metric '{emb_metric}' ({', '.join(EMB_METRICS)})")
+            raise SpecError(f"unknown emb metric '{emb_metric}' ({', '.join(EMB_METRICS)})")
         if not kd_temperature > 0:
-            raise DistillSpecError(f"kd temperature must be > 0, got {kd_temperature}")
+            raise SpecError(f"kd temperature must be > 0, got {kd_temperature}")
         for flag, v in (("teacher logit scale", teacher_logit_scale), ("student kd logit scale", student_kd_logit_scale)):
             if v is not None and not v > 0:
-                raise DistillSpecError(f"{flag} must be > 0, got {v}")
-        if "mfd" in active and not 0.0 < mask_ratio < 1.0:
-            raise DistillSpecError(f"mfd needs 0 < mask ratio < 1, got {mask_ratio}")
+                raise SpecError(f"{flag} must be > 0, got {v}")
+        masked = [n for n in self.schedules if REGISTRY[n].masked_view]
+        if masked and not 0.0 < mask_ratio < 1.0:
+            raise SpecError(f"{masked[0]} needs 0 < mask ratio < 1, got {mask_ratio}")
         self.local_loss = bool(local_loss)
         self.gather_with_grad = bool(gather_with_grad)
         self.kd_temperature = float(kd_temperature)
@@ -111,7 +94,7 @@ class DistillLoss(nn.Module):
         self.compat = compat
         self.auto_balance = auto_balance
         self.crd_soft_ce = bool(crd_soft_ce)
-        self.mask_ratio = float(mask_ratio) if "mfd" in active else 0.0
+        self.mask_ratio = float(mask_ratio) if masked else 0.0
 
         # ---- dimensions -----------------------------------------------------------------------------------
         try:
@@ -119,17 +102,18 @@ class DistillLoss(nn.Module):
         except TypeError:
             student_dim = -1
         if student_dim <= 0:
-            raise DistillSpecError(f"student_dim must be a positive int, got {student_dim!r}")
-        self.needs_teacher = bool(active - {"task"})
-        self.needs_teacher_internals = "feat" in active
-        self.needs_intermediates = "feat" in active
+            raise SpecError(f"student_dim must be a positive int, got {student_dim!r}")
+        self.needs_teacher = needs(active, "teacher")
+        self.needs_teacher_scale = needs(active, "teacher_scale")
+        self.needs_teacher_internals = needs(active, "teacher_internals")
+        self.needs_intermediates = needs(active, "intermediates")
         self.student_dim = student_dim
-        dims = [] if teacher_dim is None else [int(d) for d in _as_list(teacher_dim)]
+        dims = [] if teacher_dim is None else [int(d) for d in as_list(teacher_dim)]
         if self.needs_teacher and (not dims or any(d <= 0 for d in dims)):
-            raise DistillSpecError(f"spec needs a teacher but teacher_dim is {teacher_dim!r}")
+            raise SpecError(f"spec needs a teacher but teacher_dim is {teacher_dim!r}")
         self.teacher_dims = dims
         if teacher_member is not None and not 0 <= teacher_member < max(len(dims), 1):
-            raise DistillSpecError(f"teacher member {teacher_member} out of range for {len(dims)} teacher(s)")
+            raise SpecError(f"teacher member {teacher_member} out of range for {len(dims)} teacher(s)")
         self.teacher_member = teacher_member
         if not dims:
             d_t = student_dim
@@ -139,39 +123,23 @@ class DistillLoss(nn.Module):
             d_t = sum(dims)  # ensemble feature terms: concatenation of the normalised members
         self.feature_teacher_dim = d_t
 
-        # ---- loss-side parameters (seeded: identical on every rank even before sync_()) -------------------
-        gen = torch.Generator().manual_seed(int(seed))
-        uses_proj_v = bool(active & {*PROJECTED_TERMS, "emb"})
-        uses_proj_t = bool(active & {*PROJECTED_TERMS, "emb_text"})
-        self.proj_image = self._linear(student_dim, d_t, gen) if uses_proj_v and student_dim != d_t else None
-        self.proj_text = self._linear(student_dim, d_t, gen) if uses_proj_t and student_dim != d_t else None
-        self.icl_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE)) if active & {"icl", "xkd"} else None
-        if "afd" in active:
-            self.afd_logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
-            self.afd_fuse_image = self._linear(2 * d_t, d_t, gen)
-            self.afd_fuse_text = self._linear(2 * d_t, d_t, gen)
-        else:
-            self.afd_logit_scale = self.afd_fuse_image = self.afd_fuse_text = None
         self.feat_pairs: list[FeatPair] = []
-        self.feat_proj = None
-        if "feat" in active:
+        tokens = [n for n in self.schedules if REGISTRY[n].intermediates]
+        if tokens:
             if not feat_layers or isinstance(feat_layers, str) or not all(isinstance(p, FeatPair) for p in feat_layers):
-                raise DistillSpecError(
-                    "feat needs resolved layer pairs: pass feat_layers=training.distill.features.resolve_feat_pairs("
-                    "student, teacher, spec) (distill_loss_from_args does it when given the models)")
+                raise SpecError(f"{tokens[0]} needs resolved layer pairs: pass feat_layers=training.distill.features."
+                                "resolve_feat_pairs(student, teacher, spec) (create_distill_loss does it when given the "
+                                "models)")
             self.feat_pairs = list(feat_layers)
-            self.feat_proj = nn.ModuleList(self._linear(p.student_width, p.teacher_width, gen) for p in self.feat_pairs)
+
+        # ---- loss-side parameters (seeded: identical on every rank even before sync_()) -------------------
+        shapes = Shapes(student_dim, d_t, self.feat_pairs, torch.Generator().manual_seed(int(seed)))
+        used = {p.name for p in params_of(active)}
+        for param in all_params():  # every declared name exists (None when unused), in registry order
+            setattr(self, param.name, param.build(shapes) if param.name in used else None)
+        self._scale_names = [p.name for p in all_params() if p.scale]
         self.log_vars = (nn.ParameterDict({k: nn.Parameter(torch.zeros(())) for k in self.schedules})
                          if auto_balance == "uncertainty" else None)
-
-    @staticmethod
-    def _linear(d_in: int, d_out: int, gen: torch.Generator) -> nn.Linear:
-        layer = nn.Linear(d_in, d_out)
-        bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, drawn from our own generator
-        with torch.no_grad():
-            layer.weight.uniform_(-bound, bound, generator=gen)
-            layer.bias.uniform_(-bound, bound, generator=gen)
-        return layer
 
     # ---- the trainer's interface ------------------------------------------------------------------------
     @property
@@ -182,7 +150,7 @@ class DistillLoss(nn.Module):
         """One line for the log: spec, loss mode and the options that change the math."""
         parts = [f"spec '{self.spec}'", "local loss" if self.local_loss else "global loss",
                  f"gather_with_grad={self.gather_with_grad}"]
-        if set(self.schedules) & {"crd", "xkd"}:
+        if any("kd_temperature" in REGISTRY[n].options for n in self.schedules):
             parts.append(f"tau={self.kd_temperature:g}")
         if self.teacher_logit_scale is not None:
             parts.append(f"teacher scale={self.teacher_logit_scale:g}")
@@ -221,7 +189,7 @@ class DistillLoss(nn.Module):
 
     def feat_layers_for(self, role: str) -> dict[str, list[int]]:
         """Block indices the `feat` term needs from 'student' or 'teacher', per tower (sorted, unique): pass
-        `layers=` these to features.encode_*_with_options and the token lists, in this order, to forward()."""
+        `layers=` these to models.towers.encode_*_with_options and the token lists, in this order, to forward()."""
         attr = {"student": "student_layer", "teacher": "teacher_layer"}[role]
         out: dict[str, list[int]] = {}
         for p in self.feat_pairs:
@@ -240,7 +208,8 @@ class DistillLoss(nn.Module):
 
     def no_weight_decay_names(self) -> set[str]:
         """Learnable scales, uncertainty log-variances, biases: excluded from weight decay."""
-        return {n for n, p in self.named_parameters() if p.ndim < 2 or n.endswith("bias")}
+        no_decay = {*self._scale_names, "log_vars"}
+        return {n for n, p in self.named_parameters() if n.split(".")[0] in no_decay or n.endswith("bias")}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         no_wd = self.no_weight_decay_names()
@@ -250,9 +219,10 @@ class DistillLoss(nn.Module):
         return [g for g in groups if g["params"]]
 
     def learned_scale(self, name: str) -> torch.Tensor:
-        """Value of a learnable loss-side scale ('icl' or 'afd'): exp(·) of its log-space parameter, which
-        `clamp_scales_` keeps in [0, ln 100] after each step; the raw multiplier with compat."""
-        param = {"icl": self.icl_logit_scale, "afd": self.afd_logit_scale}[name]
+        """Value of the learnable loss-side scale `<name>_logit_scale` ('icl' or 'afd', registry.py): exp(·) of its
+        log-space parameter, which `clamp_scales_` keeps in [0, ln 100] after each step; the raw multiplier with
+        compat."""
+        param = getattr(self, f"{name}_logit_scale")
         return param if self.compat == "clipkd" else param.exp()
 
     @torch.no_grad()
@@ -261,7 +231,7 @@ class DistillLoss(nn.Module):
         instead would give p zero gradient outside the bounds, so a scale that crossed one would stay there."""
         if self.compat == "clipkd":
             return
-        for param in (self.icl_logit_scale, getattr(self, "afd_logit_scale", None)):
+        for param in (getattr(self, name) for name in self._scale_names):
             if param is not None:
                 param.clamp_(0.0, math.log(100.0))
 
@@ -271,14 +241,9 @@ class DistillLoss(nn.Module):
                 student_intermediates: dict | None = None, teacher_intermediates: dict | None = None,
                 student_image_masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         weights = {k: w for k, w in self.schedule_weights(step).items() if w != 0.0}
-        ctx = _Context(self, student_image, student_text, student_scale, teacher_image, teacher_text,
-                       teacher_scale, student_image_masked)
-        raw: dict[str, torch.Tensor] = {}
-        for name in weights:
-            if name == "feat":
-                raw[name] = self._feat(ctx, student_intermediates, teacher_intermediates)
-            else:
-                raw[name] = getattr(ctx, "term_" + name)()
+        ctx = Views(self, student_image, student_text, student_scale, teacher_image, teacher_text, teacher_scale,
+                    student_image_masked, student_intermediates, teacher_intermediates)
+        raw = {name: REGISTRY[name].fn(ctx) for name in weights}
         out: dict[str, torch.Tensor] = {}
         total = 0.0 * ctx.ls.sum() if isinstance(ctx.ls, torch.Tensor) and ctx.ls.requires_grad else 0.0
         reg = 0.0
@@ -299,224 +264,6 @@ class DistillLoss(nn.Module):
         out["total"] = total
         return out
 
-    def _feat(self, ctx: _Context, student_intermediates, teacher_intermediates) -> torch.Tensor:
-        if student_intermediates is None or teacher_intermediates is None:
-            raise ValueError("feat is active: pass student_intermediates and teacher_intermediates "
-                             "({tower: [tokens per layer of loss_fn.feat_layers_for(role)[tower]]})")
-        s_layers, t_layers = self.feat_layers_for("student"), self.feat_layers_for("teacher")
-        s_tok, t_tok, ws, bs = [], [], [], []
-        for pair, proj in zip(self.feat_pairs, self.feat_proj):
-            s_list, t_list = student_intermediates[pair.tower], teacher_intermediates[pair.tower]
-            if len(s_list) != len(s_layers[pair.tower]) or len(t_list) != len(t_layers[pair.tower]):
-                raise ValueError(f"feat: expected {len(s_layers[pair.tower])} student and {len(t_layers[pair.tower])} "
-                                 f"teacher {pair.tower} token tensors (loss_fn.feat_layers_for)")
-            s = s_list[s_layers[pair.tower].index(pair.student_layer)]
-            t = t_list[t_layers[pair.tower].index(pair.teacher_layer)]
-            s_tok.append(_upcast(_tokens(s)))
-            t_tok.append(_upcast(_tokens(t).detach()))
-            ws.append(proj.weight)
-            bs.append(proj.bias)
-        value = T.feat(s_tok, t_tok, ws, bs)
-        if not self.local_loss and ctx.world > 1:  # global mode: report the global mean (gradient unchanged)
-            mean = distributed.reduce_sum(value.detach()) / ctx.world
-            value = value + (mean - value.detach())
-        return value
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """Half/bfloat16 features (autocast) are evaluated in float32; float32/float64 are kept."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] feature maps -> [B, H·W, C] tokens; [B, N, C] unchanged."""
-    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
-
-
-class _Context:
-    """Per-call lazy views: each gathered / normalised / projected tensor is computed on first use only, so a
-    term that is off at this step costs nothing (no gather, no projection)."""
-
-    def __init__(self, loss: DistillLoss, s_v, s_t, ls, t_v, t_t, lt, s_v_masked):
-        self.loss = loss
-        self.rank, self.world = distributed.world_info()
-        self.s_v, self.s_t = _upcast(s_v), _upcast(s_t)
-        self.s_vm = _upcast(s_v_masked) if s_v_masked is not None else None
-        self.ls = _upcast(ls) if isinstance(ls, torch.Tensor) else ls
-        dtype = self.s_v.dtype
-        self.batch = s_v.shape[0]
-        self.device = s_v.device
-        self._cache: dict = {}
-        self.t_v = [x.detach().to(dtype) for x in _as_list(t_v)] if t_v is not None else None
-        self.t_t = [x.detach().to(dtype) for x in _as_list(t_t)] if t_t is not None else None
-        if loss.needs_teacher and (self.t_v is None or self.t_t is None):
-            raise ValueError(f"spec '{loss.spec}' needs teacher_image and teacher_text")
-        if self.t_v is not None:
-            k = len(self.t_v)
-            if len(self.t_t) != k or len(loss.teacher_dims) not in (0, k):
-                raise ValueError(f"teacher ensemble: {len(self.t_v)} image, {len(self.t_t)} text feature tensors "
-                                 f"for {len(loss.teacher_dims)} teacher(s)")
-            dims = loss.teacher_dims or [x.shape[-1] for x in self.t_v]
-            if [x.shape[-1] for x in self.t_v] != dims or [x.shape[-1] for x in self.t_t] != dims:
-                raise ValueError(f"teacher feature widths {[x.shape[-1] for x in self.t_v]} do not match "
-                                 f"teacher_dim {dims}")
-            if loss.teacher_logit_scale is not None:
-                self.lt = [torch.tensor(float(loss.teacher_logit_scale), dtype=dtype, device=self.device)] * k
-            elif lt is None:
-                if set(loss.schedules) & {"crd", "xkd", "gd"}:
-                    raise ValueError(f"spec '{loss.spec}' needs teacher_scale (or teacher_logit_scale=...)")
-                self.lt = None
-            else:
-                scales = [torch.as_tensor(x, device=self.device).detach().to(dtype) for x in _as_list(lt)]
-                self.lt = scales * k if len(scales) == 1 else scales
-        self.s_kd = (loss.student_kd_logit_scale if loss.student_kd_logit_scale is not None else self.ls)
-
-    def _get(self, key, fn):
-        if key not in self._cache:
-            self._cache[key] = fn()
-        return self._cache[key]
-
-    # "rows" (anchors), "cols" (keys), "all" (global rows, for gd) -> canonical source of the rows
-    def _canon(self, view: str) -> tuple:
-        loss = self.loss
-        if self.world == 1:
-            return ("local",)
-        if view == "rows" and loss.local_loss:
-            return ("local",)
-        if view == "cols" and loss.local_loss:
-            return ("gathered", False)
-        return ("gathered", not loss.gather_with_grad)  # global rows: scale the own-slice gradient by N
-
-    def _mod(self, mod: str) -> str:
-        return "v" if mod == "vm" and self.s_vm is None else mod  # mfd on the (already masked) student_image
-
-    def _student_raw(self, mod: str, view: str) -> torch.Tensor:
-        mod = self._mod(mod)
-        canon = self._canon(view)
-        local = {"v": self.s_v, "t": self.s_t, "vm": self.s_vm}[mod]
-        if canon[0] == "local":
-            return local
-
-        def gather():
-            x = _GradScale.apply(local, self.world) if canon[1] else local
-            return distributed.all_gather_cat(x, with_grad=self.loss.gather_with_grad)
-        return self._get(("s_raw", mod, canon), gather)
-
-    def n(self, mod: str, view: str) -> torch.Tensor:
-        mod = self._mod(mod)
-        return self._get(("n", mod, self._canon(view)), lambda: T.normalize(self._student_raw(mod, view)))
-
-    def praw(self, mod: str, view: str) -> torch.Tensor:
-        mod = self._mod(mod)
-        proj = self.loss.proj_text if mod == "t" else self.loss.proj_image
-
-        def compute():
-            x = self._student_raw(mod, view)
-            return proj(x) if proj is not None else x
-        return self._get(("praw", mod, self._canon(view)), compute)
-
-    def p(self, mod: str, view: str) -> torch.Tensor:
-        mod = self._mod(mod)
-        return self._get(("p", mod, self._canon(view)), lambda: T.normalize(self.praw(mod, view)))
-
-    def _teacher_members(self, mod: str, view: str) -> list[torch.Tensor]:
-        canon = self._canon(view)[0]
-        local = self.t_v if mod == "v" else self.t_t
-
-        def compute():
-            out = [T.normalize(x) for x in local]
-            if canon == "gathered":
-                out = [distributed.all_gather_cat(x, with_grad=False).detach() for x in out]
-            return out
-        return self._get(("t", mod, canon), compute)
-
-    def tf(self, mod: str, view: str) -> torch.Tensor:
-        """Feature-level teacher: the chosen member, the only member, or the renormalised concatenation."""
-        members = self._teacher_members(mod, view)
-        m = self.loss.teacher_member
-        if m is not None:
-            return members[m]
-        if len(members) == 1:
-            return members[0]
-        return self._get(("tf", mod, self._canon(view)[0]), lambda: T.normalize(torch.cat(members, dim=-1)))
-
-    def tf_scale(self):
-        m = self.loss.teacher_member
-        if m is not None or len(self.lt) == 1:
-            return self.lt[m or 0]
-        return torch.stack(self.lt).mean()
-
-    def labels(self) -> torch.Tensor:
-        def compute():
-            if self.loss.local_loss and self.world > 1:
-                return self.rank * self.batch + torch.arange(self.batch, device=self.device)
-            return torch.arange(self.batch * self.world, device=self.device)
-        return self._get("labels", compute)
-
-    def targets(self):
-        tau = self.loss.kd_temperature
-        return self._get("targets", lambda: T.teacher_targets(
-            self._teacher_members("v", "rows"), self._teacher_members("t", "rows"),
-            self._teacher_members("v", "cols"), self._teacher_members("t", "cols"), self.lt, tau))
-
-    # ---- one method per term -------------------------------------------------------------------------------
-    def term_task(self):
-        return T.task(self.n("v", "rows"), self.n("t", "rows"), self.n("v", "cols"), self.n("t", "cols"),
-                      self.ls, self.labels())
-
-    def term_crd(self):
-        p_i2t, p_t2i = self.targets()
-        return T.crd(self.n("v", "rows"), self.n("t", "rows"), self.n("v", "cols"), self.n("t", "cols"),
-                     self.s_kd, p_i2t, p_t2i, self.loss.kd_temperature, self.loss.crd_soft_ce)
-
-    def term_fd(self):
-        return T.fd(self.p("v", "rows"), self.p("t", "rows"), self.tf("v", "rows"), self.tf("t", "rows"))
-
-    def term_mfd(self):
-        return T.fd(self.p("vm", "rows"), self.p("t", "rows"), self.tf("v", "rows"), self.tf("t", "rows"))
-
-    def term_icl(self):
-        return T.icl(self.p("v", "rows"), self.p("t", "rows"), self.tf("v", "cols"), self.tf("t", "cols"),
-                     self.loss.learned_scale("icl"), self.labels())
-
-    def term_xkd(self):
-        p_i2t, p_t2i = self.targets()
-        return T.xkd(self.p("v", "rows"), self.p("t", "rows"), self.tf("v", "cols"), self.tf("t", "cols"),
-                     self.loss.learned_scale("icl"), p_i2t, p_t2i, self.loss.kd_temperature)
-
-    def term_gd(self):
-        return T.gd(self.p("v", "all"), self.p("t", "all"), self.s_kd, self.tf("v", "all"), self.tf("t", "all"),
-                    self.tf_scale())
-
-    def _afd_fused(self, mod: str, view: str):
-        fuse = self.loss.afd_fuse_image if mod == "v" else self.loss.afd_fuse_text
-        return self._get(("afd", mod, self._canon(view)),
-                         lambda: T.afd_fuse(self.p(mod, view), self.tf(mod, view), fuse.weight, fuse.bias))
-
-    def term_afd(self):
-        return T.afd(self._afd_fused("v", "rows"), self._afd_fused("t", "rows"), self._afd_fused("v", "cols"),
-                     self._afd_fused("t", "cols"), self.loss.learned_scale("afd"), self.labels())
-
-    def _sim_args(self):
-        return (self.n("v", "rows"), self.n("t", "rows"), self.n("v", "cols"), self.n("t", "cols"),
-                self.tf("v", "rows"), self.tf("t", "rows"), self.tf("v", "cols"), self.tf("t", "cols"))
-
-    def term_sim(self):
-        return T.sim(*self._sim_args())
-
-    def term_sim_inter(self):
-        a = self._sim_args()
-        return T.sim_inter(a[0], a[3], a[4], a[7])
-
-    def term_sim_intra(self):
-        return T.sim_intra(*self._sim_args())
-
-    def term_emb(self):
-        return T.emb(self.praw("v", "rows"), self.tf("v", "rows"), self.loss.emb_metric)
-
-    def term_emb_text(self):
-        return T.emb(self.praw("t", "rows"), self.tf("t", "rows"), self.loss.emb_metric)
-
 
 # ---- construction helpers ------------------------------------------------------------------------------------
 
@@ -530,40 +277,36 @@ def build_distill_loss(spec, student_dim: int, teacher_dim: int | Sequence[int] 
     return DistillLoss(spec, student_dim, teacher_dim, **kwargs)
 
 
-def distill_loss_from_args(args, student_dim: int, teacher_dims: int | Sequence[int] | None,
-                           student_model: nn.Module | None = None,
-                           teacher_model: nn.Module | Sequence[nn.Module] | None = None) -> DistillLoss:
-    """DistillLoss from the parsed CLI flags (params.py). `student_model`/`teacher_model` (unwrapped open_clip
-    models; a list for an ensemble) are needed only when `feat` is active, to resolve layer widths."""
-    spec = resolve_spec(getattr(args, "distill", None), getattr(args, "recipe", None),
-                        getattr(args, "distill_overrides", None))
-    opts = dict(spec.options)
-    member = getattr(args, "kd_teacher_member", None)
+def create_distill_loss(distill: DistillConfig, student_dim: int, teacher_dims: int | Sequence[int] | None, *,
+                        seed: int, student_model: nn.Module | None = None,
+                        teacher_model: nn.Module | Sequence[nn.Module] | None = None) -> DistillLoss:
+    """DistillLoss from the distillation section. `student_model`/`teacher_model` (unwrapped open_clip models; a
+    list for an ensemble) are needed only by terms that take intermediate tokens (feat), to resolve layer widths.
+    Explicit options win over the recipe's defaults."""
+    spec = resolve_spec(distill.distill, distill.recipe, distill.overrides)
+    opts = spec.options
+    member = distill.kd_teacher_member
     kwargs = dict(
-        local_loss=bool(getattr(args, "local_loss", False)),
-        gather_with_grad=bool(getattr(args, "gather_with_grad", False)),
-        kd_temperature=float(getattr(args, "kd_temperature", 1.0)),
-        teacher_logit_scale=_first(getattr(args, "teacher_logit_scale", None), opts.get("teacher_logit_scale")),
-        student_kd_logit_scale=_first(getattr(args, "student_kd_logit_scale", None),
-                                      opts.get("student_kd_logit_scale")),
-        mask_ratio=float(getattr(args, "mask_ratio", 0.5)),
-        emb_metric=getattr(args, "emb_metric", "mse"),
+        local_loss=distill.local_loss,
+        gather_with_grad=distill.gather_with_grad,
+        kd_temperature=float(distill.kd_temperature),
+        teacher_logit_scale=_first(distill.teacher_logit_scale, opts.get("teacher_logit_scale")),
+        student_kd_logit_scale=_first(distill.student_kd_logit_scale, opts.get("student_kd_logit_scale")),
+        mask_ratio=float(distill.mask_ratio),
+        emb_metric=distill.emb_metric,
         teacher_member=member,
-        auto_balance=getattr(args, "kd_auto_balance", "none") or "none",
-        compat=getattr(args, "kd_compat", "none") or "none",
+        auto_balance=distill.kd_auto_balance or "none",
+        compat=distill.kd_compat or "none",
         crd_soft_ce=bool(opts.get("crd_soft_ce", False)),
-        seed=int(getattr(args, "seed", 0) or 0),
+        seed=int(seed or 0),
     )
-    active = {k for k, s in spec.terms.items() if s.active}
-    if "feat" in active:
+    if spec.needs("intermediates"):
         if student_model is None or teacher_model is None:
-            raise DistillSpecError("feat needs the student and teacher models to resolve layer widths "
-                                   "(distill_loss_from_args(..., student_model=, teacher_model=))")
-        from .features import resolve_feat_pairs
-
-        teachers = _as_list(teacher_model)
-        kwargs["feat_layers"] = resolve_feat_pairs(student_model, teachers[member or 0],
-                                                   getattr(args, "feat_layers", None))
+            names = ", ".join(n for n in spec.active if REGISTRY[n].intermediates)
+            raise SpecError(f"{names} needs the student and teacher models to resolve layer widths "
+                            "(create_distill_loss(..., student_model=, teacher_model=))")
+        teachers = as_list(teacher_model)
+        kwargs["feat_layers"] = resolve_feat_pairs(student_model, teachers[member or 0], distill.feat_layers)
     dims = teacher_dims
     if isinstance(dims, (list, tuple)) and len(dims) == 1:
         dims = dims[0]

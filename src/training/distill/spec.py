@@ -8,7 +8,8 @@ Grammar (comma separated, whitespace ignored)::
            | "warmup:" b                            same as warmup:0:b
            | "from:" k                              0 before step k, weight from step k on
 
-Everything here is pure Python (no torch), so the trainer can validate flags before building models.
+Nothing here builds a model, so the trainer validates the flags before any model loads. The term names and what
+each term needs come from the registry (registry.py).
 """
 
 from __future__ import annotations
@@ -16,39 +17,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from ..models.towers import DistillSpecError
+from .registry import REGISTRY, needs
 
-# term name -> one-line description (the order is the order of the output dict)
-TERMS: dict[str, str] = {
-    "task": "CLIP InfoNCE of the student on ground-truth pairs",
-    "crd": "contrastive relational distillation: KL between teacher and student image-text softmaxes",
-    "fd": "feature distillation: MSE between projected normalised student and teacher embeddings",
-    "icl": "interactive contrastive learning: student anchors against teacher keys",
-    "xkd": "cross KD: KL from the teacher's softmax to the student-anchor/teacher-key softmax",
-    "mfd": "fd on the embedding of the student's masked image (ViT students)",
-    "gd": "gradient distillation: MSE between analytic InfoNCE gradients of teacher and student",
-    "afd": "augmented feature distillation: InfoNCE on fused (student, teacher) features",
-    "sim": "DistillCLIP similarity-map distillation (inter + intra)",
-    "sim_inter": "DistillCLIP image-text similarity-map MSE only",
-    "sim_intra": "DistillCLIP image-image + text-text similarity-map MSE only",
-    "emb": "embedding regression of the projected raw student image embedding (--emb-metric)",
-    "emb_text": "embedding regression of the projected raw student text embedding (--emb-metric)",
-    "feat": "intermediate-layer token distillation (--feat-layers)",
-}
+TERMS: dict[str, str] = {name: term.description for name, term in REGISTRY.items()}  # in registration order
 VALID_TERMS = tuple(TERMS)
-KD_TERMS = tuple(t for t in VALID_TERMS if t != "task")
 EMB_METRICS = ("mse", "l1", "smooth_l1", "cosine")
 SYNTAX = "term=weight[@warmup:a:b|@from:k],... (e.g. \"task=1,crd=1,icl=1,fd=2000@warmup:0:5000\")"
 
 
-class DistillSpecError(UsageError):
-    """A bad --distill spec, recipe or distillation option; the message is one line and lists the valid terms.
+class SpecError(DistillSpecError):
+    """A bad --distill spec, recipe or distillation option; the one line lists the valid terms.
 
     A UsageError, so every entry point (training, cache building, evaluation) prints it as one line, exit 2."""
 
     def __init__(self, message: str):
-        message = " ".join(str(message).split())  # always one line
-        super().__init__(f"{message} (valid terms: {', '.join(VALID_TERMS)})")
+        super().__init__(f"{' '.join(str(message).split())} (valid terms: {', '.join(VALID_TERMS)})")
 
 
 @dataclass(frozen=True)
@@ -105,6 +89,15 @@ class ResolvedSpec:
     def __str__(self) -> str:
         return format_spec(self.terms)
 
+    @property
+    def active(self) -> list[str]:
+        """The terms with a non-zero weight at some step (those that exist in the loss)."""
+        return [name for name, sched in self.terms.items() if sched.active]
+
+    def needs(self, what: str) -> bool:
+        """Whether an active term declares `what` in its registration ("teacher", "teacher_internals", ...)."""
+        return needs(self.active, what)
+
 
 def format_spec(terms: dict[str, WeightSchedule]) -> str:
     return ",".join(f"{name}={sched}" for name, sched in terms.items())
@@ -114,9 +107,9 @@ def _parse_int(text: str, what: str, spec: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise DistillSpecError(f"bad step '{text}' in {what} of spec '{spec}': expected an integer; syntax {SYNTAX}") from None
+        raise SpecError(f"bad step '{text}' in {what} of spec '{spec}': expected an integer; syntax {SYNTAX}") from None
     if value < 0:
-        raise DistillSpecError(f"bad step '{text}' in {what} of spec '{spec}': steps must be >= 0")
+        raise SpecError(f"bad step '{text}' in {what} of spec '{spec}': steps must be >= 0")
     return value
 
 
@@ -124,9 +117,9 @@ def _parse_weight(text: str, term: str, spec: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise DistillSpecError(f"bad weight '{text}' for term '{term}' in spec '{spec}'; syntax {SYNTAX}") from None
+        raise SpecError(f"bad weight '{text}' for term '{term}' in spec '{spec}'; syntax {SYNTAX}") from None
     if not math.isfinite(value) or value < 0:
-        raise DistillSpecError(f"bad weight '{text}' for term '{term}' in spec '{spec}': must be finite and >= 0")
+        raise SpecError(f"bad weight '{text}' for term '{term}' in spec '{spec}': must be finite and >= 0")
     return value
 
 
@@ -144,30 +137,30 @@ def parse_schedule(text: str, term: str = "?", spec: str | None = None) -> Weigh
         steps = [_parse_int(p, what, spec) for p in parts]
         start, end = (0, steps[0]) if len(steps) == 1 else steps
         if end <= start:
-            raise DistillSpecError(f"bad {what} in spec '{spec}': warmup:a:b needs a < b")
+            raise SpecError(f"bad {what} in spec '{spec}': warmup:a:b needs a < b")
         return WeightSchedule(value, "warmup", start, end)
     if kind == "from" and len(parts) == 1:
         return WeightSchedule(value, "from", _parse_int(parts[0], what, spec))
-    raise DistillSpecError(f"bad {what} in spec '{spec}': expected @warmup:a:b or @from:k; syntax {SYNTAX}")
+    raise SpecError(f"bad {what} in spec '{spec}': expected @warmup:a:b or @from:k; syntax {SYNTAX}")
 
 
 def parse_spec(spec: str) -> dict[str, WeightSchedule]:
     """'task=1,crd=1,icl=1,fd=2000' -> {term: WeightSchedule}; raises DistillSpecError on any problem."""
     if spec is None or not str(spec).strip():
-        raise DistillSpecError(f"empty distillation spec; syntax {SYNTAX}")
+        raise SpecError(f"empty distillation spec; syntax {SYNTAX}")
     terms: dict[str, WeightSchedule] = {}
     for item in str(spec).split(","):
         item = item.strip()
         if not item:
-            raise DistillSpecError(f"empty item in spec '{spec}'; syntax {SYNTAX}")
+            raise SpecError(f"empty item in spec '{spec}'; syntax {SYNTAX}")
         name, eq, rest = item.partition("=")
         name = name.strip()
         if name not in TERMS:
-            raise DistillSpecError(f"unknown distillation term '{name}' in spec '{spec}'")
+            raise SpecError(f"unknown distillation term '{name}' in spec '{spec}'")
         if name in terms:
-            raise DistillSpecError(f"term '{name}' appears twice in spec '{spec}'")
+            raise SpecError(f"term '{name}' appears twice in spec '{spec}'")
         if eq and not rest.strip():
-            raise DistillSpecError(f"missing weight for term '{name}' in spec '{spec}'; syntax {SYNTAX}")
+            raise SpecError(f"missing weight for term '{name}' in spec '{spec}'; syntax {SYNTAX}")
         terms[name] = parse_schedule(rest.strip(), name, spec) if eq else WeightSchedule(1.0)
     return terms
 
@@ -197,17 +190,17 @@ def preset(recipe: str) -> tuple[str, dict]:
     """Spec and option defaults of a --recipe (accepts "mobileclip:LAMBDA")."""
     name, _, arg = str(recipe).strip().partition(":")
     if name not in PRESETS:
-        raise DistillSpecError(f"unknown --recipe '{recipe}' (recipes: {', '.join(PRESETS)})")
+        raise SpecError(f"unknown --recipe '{recipe}' (recipes: {', '.join(PRESETS)})")
     spec, options = PRESETS[name]
     if arg:
         if name != "mobileclip":
-            raise DistillSpecError(f"--recipe '{recipe}': only mobileclip takes an argument (mobileclip:LAMBDA)")
+            raise SpecError(f"--recipe '{recipe}': only mobileclip takes an argument (mobileclip:LAMBDA)")
         try:
             lam = float(arg)
         except ValueError:
             lam = float("nan")
         if not 0.0 <= lam <= 1.0:
-            raise DistillSpecError(f"--recipe '{recipe}': LAMBDA must be a number in [0, 1]")
+            raise SpecError(f"--recipe '{recipe}': LAMBDA must be a number in [0, 1]")
         spec = f"task={1.0 - lam:g},crd={lam:g}"
     return spec, dict(options)
 
@@ -227,10 +220,10 @@ def resolve_spec(distill: str | None = None, recipe: str | None = None,
     terms = parse_spec(text)
     for name, weight in (overrides or {}).items():
         if name not in TERMS:
-            raise DistillSpecError(f"unknown distillation term '{name}' in the alias-flag overrides")
+            raise SpecError(f"unknown distillation term '{name}' in the alias-flag overrides")
         terms[name] = WeightSchedule(_parse_weight(str(weight), name, f"{name}={weight}"))
     if not any(s.active for s in terms.values()):
-        raise DistillSpecError(f"every term of '{format_spec(terms)}' has weight 0: nothing to optimise")
+        raise SpecError(f"every term of '{format_spec(terms)}' has weight 0: nothing to optimise")
     return ResolvedSpec(terms=terms, options=options, source=source)
 
 
@@ -250,11 +243,11 @@ def parse_feat_layers(text: str | None) -> dict[str, list[tuple[int, int]]] | No
         if len(parts) == 3 and parts[0] in aliases:
             towers, parts = [aliases[parts[0]]], parts[1:]
         if len(parts) != 2:
-            raise DistillSpecError(f"bad --feat-layers item '{item}' in '{text}': expected s:t or image:s:t / text:s:t")
+            raise SpecError(f"bad --feat-layers item '{item}' in '{text}': expected s:t or image:s:t / text:s:t")
         try:
             pair = (int(parts[0]), int(parts[1]))
         except ValueError:
-            raise DistillSpecError(f"bad --feat-layers item '{item}' in '{text}': layer indices must be integers") from None
+            raise SpecError(f"bad --feat-layers item '{item}' in '{text}': layer indices must be integers") from None
         for tower in towers:
             out.setdefault(tower, []).append(pair)
     return out
@@ -263,10 +256,13 @@ def parse_feat_layers(text: str | None) -> dict[str, list[tuple[int, int]]] | No
 def check_combinations(terms: dict[str, WeightSchedule], feat_layers: str | None = None) -> None:
     """Refuse, before any model is built, term combinations the trainer cannot run (they would fail at step 1)."""
     towers = parse_feat_layers(feat_layers)  # a bad --feat-layers fails at start-up too
-    active = {name for name, sched in terms.items() if sched.active}
-    # mfd masks the student's one image forward (from step 0, whatever its schedule); feat's image tokens must come
-    # from the unmasked image. The default feat pairs cover both towers.
-    if {"mfd", "feat"} <= active and (towers is None or "image" in towers):
-        raise DistillSpecError("mfd and feat cannot share the student image forward: mfd masks it and feat needs the "
-                               "unmasked image tokens; distil text tokens only (--feat-layers text:s:t,...) or drop "
-                               "one of the two terms")
+    active = [name for name, sched in terms.items() if sched.active]
+    # a masked-view term (mfd) masks the student's one image forward (from step 0, whatever its schedule); the
+    # intermediate tokens (feat) of the image must come from the unmasked image. The default feat pairs cover both
+    # towers.
+    masked = [n for n in active if REGISTRY[n].masked_view]
+    tokens = [n for n in active if REGISTRY[n].intermediates]
+    if masked and tokens and (towers is None or "image" in towers):
+        raise SpecError(f"{masked[0]} and {tokens[0]} cannot share the student image forward: {masked[0]} masks it "
+                        f"and {tokens[0]} needs the unmasked image tokens; distil text tokens only (--feat-layers "
+                        "text:s:t,...) or drop one of the two terms")
