@@ -180,9 +180,11 @@ def run(argv=None) -> int:
     log_dir = os.path.join(args.logs, args.name) if args.logs else None
     setup_logging(os.path.join(log_dir, "out.log") if log_dir else None, env.is_master)
     logging.info("rank %d/%d on %s", env.rank, env.world_size, env.device)
-    from .evaluate import evaluate_in_training, validate_eval_args
+    from .config import Config
+    from .eval.hook import TrainingEvaluator
 
-    validate_eval_args(args)  # a bad eval path fails now, not after the first epoch
+    config = Config.from_args(args)
+    evaluate = TrainingEvaluator(config.eval, config.data, config.runtime, config.optim.epochs)  # bad paths fail now
     built = build(args, env)
     trainer, data, ckpt_dir = built.trainer, built.data, built.ckpt_dir
 
@@ -233,8 +235,7 @@ def run(argv=None) -> int:
         if periodic or completed == args.epochs or stop:  # the final epoch is always saved (resume, export)
             save(f"epoch_{completed}.pt")
         with trainer.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
-            results = evaluate_in_training(trainer.student, eval_transform, built.student_bundle.tokenizer, args,
-                                           completed, env.device)
+            results = evaluate(trainer.student, eval_transform, built.student_bundle.tokenizer, completed, env.device)
         if results:
             trainer.metrics.log(trainer.step, results, prefix="eval")
         if stop:
