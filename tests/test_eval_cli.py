@@ -143,3 +143,9 @@ def test_subprocess_bad_checkpoint_has_no_traceback(data, tmp_path):
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: cannot read")
+
+
+def test_the_old_module_name_runs_the_same_command_line():
+    import training.evaluate
+
+    assert training.evaluate.main is main  # `python -m training.evaluate` keeps working
