@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 import training  # noqa: F401  (registers the tiny configs with open_clip)
+from training.config import DataConfig, EvalConfig, RuntimeConfig
 from training.data.transforms import EvalTransform, ImageFormat
 from training.data.world import generate_world
-from training.evaluate import evaluate_in_training
+from training.eval.hook import TrainingEvaluator
 from training.models import create_clip
 
 
@@ -53,11 +54,11 @@ def evaluate(arch: str, ckpt: str, world) -> dict[str, float]:
     model = create_clip(arch, ckpt, torch.device("cpu")).eval()
     import open_clip
 
-    args = argparse.Namespace(zeroshot_data=world.zeroshot_dir, val_data=world.val_csv, data_root=world.data_root,
-                              csv_img_key="filepath", csv_caption_key="title", csv_separator="\t",
-                              zeroshot_frequency=1, val_frequency=1, batch_size=128, workers=0)
-    return evaluate_in_training(model, EvalTransform(ImageFormat.from_model(model)), open_clip.get_tokenizer(arch),
-                                args, 1, torch.device("cpu"))
+    evaluator = TrainingEvaluator(EvalConfig(zeroshot_data=world.zeroshot_dir, zeroshot_frequency=1, val_frequency=1),
+                                  DataConfig(val_data=world.val_csv, data_root=world.data_root, batch_size=128,
+                                             workers=0), RuntimeConfig(precision=None))
+    return evaluator(model, EvalTransform(ImageFormat.from_model(model)), open_clip.get_tokenizer(arch), 1,
+                     torch.device("cpu"))
 
 
 @dataclass

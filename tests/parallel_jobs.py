@@ -32,8 +32,8 @@ def run_jobs(rank: int, world_size: int, port: int, jobs: list[dict], out_dir: s
 def run_job(env, job: dict, out_dir: str) -> None:
     from training import distributed
     from training.checkpoint import load_checkpoint
-    from training.eval.engine import _input_dtype
     from training.params import UsageError, parse_config
+    from training.precision import module_input_dtype
     from training.trainer import Trainer
 
     if job.get("sys_path"):  # e.g. the Horovod stand-in (tests/fake_horovod)
@@ -93,7 +93,7 @@ def run_job(env, job: dict, out_dir: str) -> None:
     text = torch.randint(1, 1000, (2, student.context_length), generator=gen).to(env.device)
     student.eval()
     with trainer.engine.unsharded(), torch.no_grad():
-        image = image.to(_input_dtype(student.visual))  # as evaluation does (bf16 students)
+        image = image.to(module_input_dtype(student.visual))  # as evaluation does (bf16 students)
         record["embeddings"] = (student.encode_image(image).float().cpu(), student.encode_text(text).float().cpu())
     if env.is_master:
         torch.save(record, os.path.join(out_dir, f"{job['name']}.pt"))

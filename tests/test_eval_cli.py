@@ -1,4 +1,4 @@
-"""`python -m training.evaluate`: a full run with real tiny open_clip models, and exit code 2 on bad input."""
+"""`python -m training.eval`: a full run with real tiny open_clip models, and exit code 2 on bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 import training  # noqa: F401  (registers tiny-student / tiny-teacher)
 from test_eval_support import id_image, write_folder, write_retrieval_csv
-from training.evaluate import main
+from training.eval.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +113,24 @@ def test_in_training_eval_sets_refuse_numbered_folders_and_log_what_they_took(da
     import argparse
     import logging
 
-    from training.evaluate import validate_eval_args
-    from training.params import UsageError
+    from training.config import Config
+    from training.errors import UsageError
+    from training.eval.hook import TrainingEvaluator
+
+    def build_evaluator(args):
+        c = Config.from_args(args)
+        TrainingEvaluator(c.eval, c.data, c.runtime, c.optim.epochs)
 
     for c in range(3):
         os.makedirs(tmp_path / "digits" / str(c))
         id_image(c).save(tmp_path / "digits" / str(c) / "a.png")
     args = argparse.Namespace(zeroshot_data=str(tmp_path / "digits"), val_data=None, eval_datasets=None)
     with pytest.raises(UsageError, match="add classnames.txt"):
-        validate_eval_args(args)
+        build_evaluator(args)
     args = argparse.Namespace(zeroshot_data=str(data / "demo" / "train"), val_data=None,
                               eval_datasets=f"imagenetv2={tmp_path / 'digits'}")
     with caplog.at_level(logging.INFO):
-        validate_eval_args(args)
+        build_evaluator(args)
     text = caplog.text
     assert "detected" in text and "as folder" in text  # --zeroshot-data: what it was taken for
     assert "3 of ImageNet-V2's 1000 class folders" in text  # a named subset: said out loud
@@ -133,8 +138,14 @@ def test_in_training_eval_sets_refuse_numbered_folders_and_log_what_they_took(da
 
 def test_subprocess_bad_checkpoint_has_no_traceback(data, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", "tiny-student", "--pretrained",
+    proc = subprocess.run([sys.executable, "-m", "training.eval", "--model", "tiny-student", "--pretrained",
                            str(data / "garbage.pt"), "--datasets", f"demo={data / 'demo'}", "--output",
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: cannot read")
+
+
+def test_the_old_module_name_runs_the_same_command_line():
+    import training.evaluate
+
+    assert training.evaluate.main is main  # `python -m training.evaluate` keeps working

@@ -28,6 +28,14 @@ from test_eval_support import (
 CPU = torch.device("cpu")
 
 
+def evaluator(args: argparse.Namespace):
+    from training.config import Config
+    from training.eval.hook import TrainingEvaluator
+
+    c = Config.from_args(args)
+    return TrainingEvaluator(c.eval, c.data, c.runtime, c.optim.epochs)
+
+
 def make_data(root: str) -> None:
     # 7 images: the crafted 6 plus one more, so the two ranks hold 4 and 3
     write_folder(os.path.join(root, "zs"), CRAFT_CLASSES, list(zip(CRAFT_LABELS, range(6))) + [(0, 0)])
@@ -46,8 +54,6 @@ def run_suite(root: str) -> dict:
     from training.eval.linear_probe import run_linear_probe
     from training.eval.retrieval import run_retrieval
     from training.eval.zeroshot import run_zeroshot
-    from training.evaluate import evaluate_in_training
-
     out = {}
     model, tok = craft_model()
     for name in ("zs", "wds1", "wds3"):
@@ -64,10 +70,10 @@ def run_suite(root: str) -> dict:
     args = argparse.Namespace(zeroshot_data=os.path.join(root, "zs"), zeroshot_frequency=1, val_data=None,
                               val_frequency=1, epochs=2, batch_size=2, workers=0, precision="fp32",
                               eval_datasets=f"shards={os.path.join(root, 'wds3')}", eval_frequency=2)
-    out["train_e1"] = evaluate_in_training(model, FakeTransform(), tok, args, 1, CPU)
+    out["train_e1"] = evaluator(args)(model, FakeTransform(), tok, 1, CPU)
     args.val_data, args.data_root = os.path.join(root, "csv", "val.csv"), os.path.join(root, "csv")
-    out["train_ret"] = evaluate_in_training(rmodel, FakeTransform(), rtok, argparse.Namespace(
-        **{**vars(args), "zeroshot_data": None, "eval_datasets": None}), 2, CPU)
+    out["train_ret"] = evaluator(argparse.Namespace(
+        **{**vars(args), "zeroshot_data": None, "eval_datasets": None}))(rmodel, FakeTransform(), rtok, 2, CPU)
     return out
 
 
@@ -97,8 +103,6 @@ def test_one_and_two_processes_agree(tmp_path):
 
 
 def test_in_training_frequency_and_suite_names(tmp_path):
-    from training.evaluate import evaluate_in_training
-
     root = str(tmp_path)
     write_folder(os.path.join(root, "zs"), CRAFT_CLASSES, list(zip(CRAFT_LABELS, range(6))))
     write_retrieval_csv(os.path.join(root, "csv"))
@@ -109,15 +113,15 @@ def test_in_training_frequency_and_suite_names(tmp_path):
                               data_root=os.path.join(root, "csv"), csv_img_key="filepath", csv_caption_key="title",
                               csv_separator="\t", epochs=3, batch_size=4, workers=0, precision="fp32",
                               eval_datasets=f"mine={os.path.join(root, 'zs')}", eval_frequency=1)
-    m1 = evaluate_in_training(model, FakeTransform(), tok, args, 1, "cpu")
+    m1 = evaluator(args)(model, FakeTransform(), tok, 1, "cpu")
     assert set(m1) == {"zeroshot/mine/top1", "zeroshot/mine/top5", "zeroshot/mine/mean_per_class_recall"}
     assert model.training  # training mode restored
-    m2 = evaluate_in_training(model, FakeTransform(), tok, args, 2, "cpu")
+    m2 = evaluator(args)(model, FakeTransform(), tok, 2, "cpu")
     assert m2["zeroshot/top1"] == CRAFT_TOP1 == m2["zeroshot/mine/top1"]
-    m3 = evaluate_in_training(model, FakeTransform(), tok, args, 3, "cpu")  # the last epoch always evaluates
+    m3 = evaluator(args)(model, FakeTransform(), tok, 3, "cpu")  # the last epoch always evaluates
     assert "zeroshot/top1" in m3 and not any(k.startswith("retrieval/") for k in m3)
     rmodel, rtok = ret_model()
     args.val_frequency, args.zeroshot_data, args.eval_datasets = 1, None, None
-    m = evaluate_in_training(rmodel, FakeTransform(), rtok, args, 1, "cpu")
+    m = evaluator(args)(rmodel, FakeTransform(), rtok, 1, "cpu")
     assert m["retrieval/image_to_text_R@1"] == 1.0 and m["retrieval/text_to_image_R@1"] == RET_T2I[1]
     assert set(m) == {f"retrieval/{d}_R@{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}

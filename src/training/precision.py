@@ -62,6 +62,18 @@ def input_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def module_input_dtype(module) -> torch.dtype:
+    """The dtype of a module's first convolution or linear weight (the batch's first consumer): what a forward
+    outside the training step (evaluation, a bare student) casts its images to. open_clip's bf16 towers keep
+    embeddings and norms in fp32, so the first parameter's dtype would not do."""
+    if not hasattr(module, "modules"):
+        return torch.float32
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight.is_floating_point():
+            return m.weight.dtype
+    return torch.float32
+
+
 def make_grad_scaler(precision: Precision, sharded: bool = False):
     """The fp16 loss scaler, or None. Under FSDP2 gradients are a mix of DTensor shards and plain tensors (the
     replicated logit scale, the loss-side heads), which GradScaler cannot unscale together: see ShardedScaler."""

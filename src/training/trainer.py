@@ -26,6 +26,7 @@ from .config import Config
 from .data import DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
 from .errors import UsageError
+from .eval.hook import TrainingEvaluator
 from .logger import MetricLogger
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
 from .models.towers import check_masking_supported
@@ -93,12 +94,10 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
 class Trainer:
     def __init__(self, config: Config, env: distributed.DistEnv):
         from .distill import create_distill_loss
-        from .evaluate import evaluate_in_training, validate_eval_args
-
         self.config, self.env = config, env
         legacy = _legacy_args(config)
-        validate_eval_args(legacy)  # a bad eval path fails now, not after the first epoch
-        self._evaluate = evaluate_in_training
+        # a bad eval path fails now, not after the first epoch
+        self.evaluator = TrainingEvaluator(config.eval, config.data, config.runtime, config.optim.epochs)
         seed_everything(config.seed)  # same seed on every rank: identical student init and loss-side heads
         self.precision = resolve(config.runtime.precision, env.device, config.runtime.amp_fp16_on_cpu)
         engine_name = config.parallel.engine
@@ -245,9 +244,11 @@ class Trainer:
         return losses
 
     def evaluate(self, epoch: int) -> None:
+        if not self.evaluator.due(epoch):
+            return
         with self.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
-            results = self._evaluate(self.student, EvalTransform(self.student_bundle.image_format),
-                                     self.student_bundle.tokenizer, _legacy_args(self.config), epoch, self.env.device)
+            results = self.evaluator(self.student, EvalTransform(self.student_bundle.image_format),
+                                     self.student_bundle.tokenizer, epoch, self.env.device)
         if results:
             self.metrics.log(self.state.step, results, prefix="eval")
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from ..errors import UsageError
 from . import templates as T
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -58,8 +59,8 @@ ALIASES = {
 }
 
 
-class DatasetError(ValueError):
-    """A dataset path or file that cannot be used (reported as a one-line usage error)."""
+class DatasetError(UsageError):
+    """A dataset path or file that cannot be used (a one-line usage error)."""
 
 
 def canonical_kind(name: str) -> str | None:

@@ -7,7 +7,6 @@ result is identical to a 1-process run whatever the number of ranks or loader wo
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..distributed import all_gather_cat, world_info
+from ..precision import autocast_for, module_input_dtype
 from .datasets import ArrayImages, FileImages, WdsImages
 
 
@@ -59,32 +59,24 @@ def shard_loader(source, transform: Callable, batch_size: int, workers: int = 0)
                       drop_last=False, persistent_workers=False)
 
 
-def autocast_for(device: torch.device, precision: str | None):
-    """Autocast context for `precision` (amp -> fp16 on CUDA, amp_bf16/bf16 -> bf16); a no-op on CPU and fp32."""
-    if device.type != "cuda" or precision in (None, "fp32", "pure_fp16", "pure_bf16"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision in ("amp_bf16", "bf16") else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def _input_dtype(model) -> torch.dtype:
-    """The dtype of the first convolution or linear weight (the image's first consumer): open_clip's bf16 models
-    keep embeddings and norms in fp32 and convert only those."""
-    if not hasattr(model, "modules"):
-        return torch.float32
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.weight.is_floating_point():
-            return m.weight.dtype
-    return torch.float32
+def eval_autocast(device: torch.device, precision: str | None):
+    """The autocast context evaluation runs under, by training.precision's rules, except that evaluation is fp32
+    off CUDA, and bf16 is bf16 autocast: a model loaded for evaluation keeps fp32 weights (a bf16 student's are
+    bf16 already, which autocast leaves as they are)."""
+    if device.type != "cuda" or precision is None:
+        precision = "fp32"
+    elif precision == "bf16":
+        precision = "amp_bf16"
+    return autocast_for(precision, device)()
 
 
 @torch.no_grad()
 def encode_image_batches(model, loader: DataLoader, device: torch.device,
                          precision: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(keys, L2-normalised float32 image features, labels) per batch of this rank's shard, on `device`."""
-    dtype = _input_dtype(model)
+    dtype = module_input_dtype(model)
     for keys, images, labels in loader:
-        with autocast_for(device, precision):
+        with eval_autocast(device, precision):
             feats = model.encode_image(images.to(device=device, dtype=dtype, non_blocking=True))
         yield keys.to(device), F.normalize(feats.float(), dim=-1), labels.to(device)
 
@@ -128,8 +120,8 @@ def encode_images(model, source, transform: Callable, device: torch.device, batc
 def _probe_dim(model, source, transform, device, precision) -> int:
     """Feature width for a rank whose shard is empty (it must still join the gathers with the right shape)."""
     image = source.load(0)[0] if hasattr(source, "load") else next(source.iterate(0, 1))[1]
-    x = transform(image).unsqueeze(0).to(device=device, dtype=_input_dtype(model))
-    with torch.no_grad(), autocast_for(device, precision):
+    x = transform(image).unsqueeze(0).to(device=device, dtype=module_input_dtype(model))
+    with torch.no_grad(), eval_autocast(device, precision):
         return int(model.encode_image(x).shape[-1])
 
 
@@ -143,10 +135,10 @@ def encode_texts(model, tokenizer: Callable, texts: list[str], device: torch.dev
     feats = []
     for i in range(0, len(mine), batch_size):
         tokens = tokenizer(mine[i:i + batch_size]).to(device)
-        with autocast_for(device, precision):
+        with eval_autocast(device, precision):
             feats.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
     if not feats:
-        with autocast_for(device, precision):
+        with eval_autocast(device, precision):
             dim = model.encode_text(tokenizer(texts[:1]).to(device)).shape[-1]
         feats = [torch.zeros(0, dim, device=device)]
     return gather_rows(torch.cat(feats))

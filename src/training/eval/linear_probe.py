@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import reduce_sum, world_info
+from ..fileio import torch_save
 from .datasets import ClassificationSet
 from .engine import encode_images
 from .zeroshot import classification_counts, metrics_from_counts
@@ -47,12 +48,9 @@ def cached_features(model, dataset: ClassificationSet, transform: Callable, devi
         return blob["features"].to(device), blob["labels"].to(device)
     feats, labels = encode_images(model, dataset.source, transform, device, batch_size, workers, precision)
     if path and rank == 0:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"features": feats.cpu(), "labels": labels.cpu(),
+        torch_save({"features": feats.cpu(), "labels": labels.cpu(),
                     "meta": {"model_id": model_id, "dataset": dataset.name, "kind": dataset.kind,
-                             "path": os.path.abspath(dataset.path), "split": dataset.split}}, tmp)
-        os.replace(tmp, path)
+                             "path": os.path.abspath(dataset.path), "split": dataset.split}}, path)
     return feats, labels
 
 

@@ -14,8 +14,8 @@ import os
 import open_clip
 import torch
 
+from ..errors import UsageError, usage_error
 from ..models import load_weights, resolve_model_name
-from ..errors import UsageError, first_line
 
 
 def is_local_path(pretrained: str | None) -> bool:
@@ -61,7 +61,7 @@ def load_model(arch: str, pretrained: str | None, device: torch.device):
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"cannot create '{name}' with pretrained '{pretrained}': {first_line(exc)}") from exc
+        raise usage_error(f"cannot create '{name}' with pretrained '{pretrained}'", exc) from exc
     if local:
         load_weights(model, pretrained)
     model = model.to(device).eval()

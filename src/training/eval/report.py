@@ -5,7 +5,7 @@ task and the average retention per section. Retention = student / teacher x 100 
 
     python -m training.eval.report --student DIR --teacher DIR [--output DIR]
 
-rebuilds the report from result JSON folders written by `python -m training.evaluate`.
+rebuilds the report from result JSON folders written by `python -m training.eval`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from ..errors import UsageError, run_cli
+from ..fileio import write_text
 from .datasets import DISTRIBUTION_SHIFT_KINDS, KINDS
 from .results import TASK_FROM_BENCHMARK, our_metrics, read_records
 
@@ -171,13 +173,12 @@ def write_report(out_dir: str, student: list[dict], teacher: list[dict], student
     os.makedirs(out_dir, exist_ok=True)
     rows = build_rows(student, teacher)
     md = os.path.join(out_dir, "retention.md")
-    with open(md, "w") as f:
-        f.write("# Teacher vs student retention\n\n" + to_markdown(rows, student_name, teacher_name, params))
+    write_text(md, "# Teacher vs student retention\n\n" + to_markdown(rows, student_name, teacher_name, params))
     png = draw_chart(rows, os.path.join(out_dir, "retention.png"), student_name, teacher_name)
     return {"markdown": md, "chart": png}
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.eval.report", description=__doc__.splitlines()[0])
     p.add_argument("--student", required=True, help="folder of the student's result JSON files")
     p.add_argument("--teacher", required=True, help="folder of the teacher's result JSON files")
@@ -185,8 +186,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     student, teacher = read_records(args.student), read_records(args.teacher)
     if not student or not teacher:
-        print(f"error: no result JSON files in {args.student if not student else args.teacher}", file=sys.stderr)
-        return 2
+        raise UsageError(f"no result JSON files in {args.student if not student else args.teacher}")
     name = lambda recs: f"{recs[0].get('model')} {recs[0].get('pretrained') or ''}".strip()  # noqa: E731
     out = args.output or os.path.dirname(os.path.abspath(args.student))
     paths = write_report(out, student, teacher, name(student), name(teacher))
@@ -194,6 +194,10 @@ def main(argv=None) -> int:
         print(f.read())
     print(f"wrote {paths['markdown']} and {paths['chart']}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import json
 import os
 import re
 
+from ..fileio import write_json
+
 TASKS = ("zeroshot", "retrieval", "linear_probe")
 BENCHMARK_TASK = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval",
                   "linear_probe": "linear_probe"}
@@ -61,13 +63,8 @@ def result_path(out_dir: str, record: dict) -> str:
 
 
 def write_record(out_dir: str, record: dict) -> str:
-    os.makedirs(out_dir, exist_ok=True)
     path = result_path(out_dir, record)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, record, indent=2)
     return path
 
 

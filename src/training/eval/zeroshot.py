@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..distributed import reduce_sum, world_info
 from .datasets import ClassificationSet
-from .engine import autocast_for, encode_image_batches, gather_rows, shard_loader
+from .engine import encode_image_batches, eval_autocast, gather_rows, shard_loader
 
 
 class _TextNormalizing:
@@ -39,13 +39,13 @@ def build_classifier(model, tokenizer: Callable, classnames: Sequence[str], temp
     per = -(-len(classnames) // world)
     mine = list(classnames[rank * per:(rank + 1) * per])
     if mine:
-        with autocast_for(device, precision):
+        with eval_autocast(device, precision):
             weights = open_clip.build_zero_shot_classifier(
                 _TextNormalizing(model), tokenizer, mine, list(templates), num_classes_per_batch=classes_per_batch,
                 device=device)
         rows = weights.T.float().contiguous()
     else:
-        with autocast_for(device, precision):
+        with eval_autocast(device, precision):
             dim = model.encode_text(tokenizer(["x"]).to(device)).shape[-1]
         rows = torch.zeros(0, dim, device=device)
     return gather_rows(rows)
