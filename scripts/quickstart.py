@@ -19,7 +19,7 @@ import torch
 
 import training  # noqa: F401  (registers the tiny configs with open_clip)
 from training.data.transforms import EvalTransform, ImageFormat
-from training.data.world import generate_world
+from training.demo.world import generate_world
 from training.evaluate import evaluate_in_training
 from training.models import create_clip
 

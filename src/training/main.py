@@ -15,12 +15,13 @@ import torch
 from . import distributed, parallel
 from .accumulation import group_micro_batches
 from .checkpoint import atomic_save, check_resume, latest_checkpoint, load_checkpoint, restore_rank_rng, write_latest
-from .data import DataInfo, DataTransforms, get_data
+from .config import Config
+from .data import DataInfo, DataTransforms, TeacherCacheError, get_data
 from .data.transforms import EvalTransform, PairedViews
 from .distill.features import check_masking_supported
+from .errors import UsageError
 from .logger import MetricLogger, setup_logging
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
-from .errors import UsageError
 from .params import parse_args
 from .precision import make_grad_scaler, resolve
 from .preemption import StopRequest
@@ -118,11 +119,19 @@ def build(args, env: distributed.DistEnv) -> Run:
     # train open_clip's bf16 model, as open_clip does
     student_bundle = create_student(args, env.device, low_precision="bf16" if precision.low_precision_weights
                                     and engine_name in ("ddp", "horovod") else None)
+    config = Config.from_args(args)
     cache = None
-    if getattr(args, "teacher_cache", None):  # cached teacher embeddings: no teacher is built or run
+    if config.teacher.teacher_cache:  # cached teacher embeddings: no teacher is built or run
+        from .distill import resolve_spec
+
+        spec = resolve_spec(config.distill.distill, config.distill.recipe, config.distill.overrides)
+        if any(name == "feat" and term.active for name, term in spec.terms.items()):  # needs teacher internals
+            raise TeacherCacheError("the feat term needs the teacher's intermediate tokens, which a teacher-embedding "
+                                    "cache does not store: drop feat from --distill or train without --teacher-cache")
         from .teacher_cache import open_for_training
 
-        cache, teacher = open_for_training(args)
+        cache, teacher = open_for_training(config.teacher, config.data,
+                                           shard_teacher=config.parallel.fsdp_shard_teacher)
         teacher_bundle = None
     else:
         teacher, teacher_bundle = create_teacher(args, env.device)
@@ -154,8 +163,10 @@ def build(args, env: distributed.DistEnv) -> Run:
     logging.info("student engine: %s", engine.describe())
 
     transforms = build_transforms(args, student_bundle, teacher_bundle, cache)
-    data = get_data(args, transforms, epoch=0, image_size=student_bundle.image_format.size)["train"]
-    data = group_micro_batches(data, args.accum_freq)  # --accum-freq K: K micro-batches per optimizer step
+    train_data = get_data(config.data, transforms, seed=config.seed, epoch=0,
+                          image_size=student_bundle.image_format.size)["train"]
+    data = group_micro_batches(train_data, args.accum_freq)  # --accum-freq K: K micro-batches per optimizer step
+    data.stateful = train_data.stateful  # the loader's own state (WebDataset stream positions) under --accum-freq
     args._num_batches = data.num_batches
     total_steps = data.num_batches * args.epochs
 
@@ -199,8 +210,8 @@ def run(argv=None) -> int:
         if not restore_rank_rng(state["rng"], env.rank, env.world_size, env.device):
             logging.warning("resume: the checkpoint has no random state for rank %d of %d: reseeded from the seed",
                             env.rank, env.world_size)
-        if state.get("data_state") is not None and "load_state_fn" in data.extra:
-            data.extra["load_state_fn"](state["data_state"])  # WebDataset: per-worker stream positions
+        if state.get("data_state") is not None:
+            data.load_state_dict(state["data_state"])  # WebDataset: per-worker stream positions, one list per rank
         logging.info("resumed from %s at epoch %d, step %d, batch %d", resume_path, trainer.epoch, trainer.step,
                      trainer.batch_in_epoch)
 
@@ -208,8 +219,9 @@ def run(argv=None) -> int:
         if ckpt_dir is None:
             return
         state = trainer.state_dict()  # every rank builds it (collectives under FSDP); rank 0 writes
-        if "state_fn" in data.extra:  # WebDataset stream positions differ per rank: keep all of them
-            state["data_state"] = distributed.gather_objects(data.extra["state_fn"]())
+        data_state = data.state_dict()
+        if data_state is not None:  # WebDataset stream positions differ per rank: keep all of them
+            state["data_state"] = distributed.gather_objects(data_state)
         if env.is_master:
             atomic_save(state, os.path.join(ckpt_dir, filename))
             write_latest(ckpt_dir, filename)
