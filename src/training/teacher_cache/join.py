@@ -1,5 +1,5 @@
-"""The training side of a cache: `open_for_training` checks that the cache fits the run's teacher and data flags
-and gives the reader the data loaders join samples through, and the teacher that stands in for the live one."""
+"""The training side of a cache: `open_for_training` checks that the cache fits the run's teacher and data flags,
+and returns the reader (what the data loaders join samples through) and the teacher that stands in for the live one."""
 
 from __future__ import annotations
 
