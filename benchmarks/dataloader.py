@@ -8,7 +8,7 @@ scripts/prepare_cc3m.sh stores them (shorter side 384, JPEG q95), converts it wi
 then times the same decode + open_clip train preprocessing (RandomResizedCrop 224, bicubic, normalise) + tokenizer
 through:
   csv        training.data.csv (map-style, one file per sample)
-  wds        training.data.webdataset.get_wds_dataset (this project)
+  wds        training.data.wds.get_wds_dataset (this project)
   reference  open_clip_train's get_wds_dataset pipeline on the same shards (see `reference_loader`)
 Two measures, median over --repeats, interleaved so machine noise hits all pipelines alike:
   CPU time    samples per CPU-second with the pipeline run in-process (workers=0, one torch thread): the rate one
@@ -42,8 +42,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import open_clip  # noqa: E402
 
 import training  # noqa: E402,F401  (registers the tiny model configs)
+from training.config import DataConfig, section_from  # noqa: E402
 from training.data.common import DataTransforms  # noqa: E402
-from training.data.webdataset import get_wds_dataset  # noqa: E402
+from training.data.wds import get_wds_dataset  # noqa: E402
 
 
 def make_dataset(folder: str, n: int, short_side: int, seed: int = 0) -> tuple[str, str]:
@@ -87,14 +88,15 @@ def data_args(opts, csv: str, pattern: str, kind: str, workers: int) -> SimpleNa
 def make_loader(kind: str, args, preprocess, tokenizer):
     """An iterable over one epoch of batches for pipeline `kind`."""
     transforms = DataTransforms(student_train=preprocess, student_val=preprocess, tokenizer=tokenizer)
+    data = section_from(DataConfig, vars(args))
     if kind == "csv":
         from training.data.csv import get_csv_dataset
 
-        info = get_csv_dataset(args, transforms, True, 0)
+        info = get_csv_dataset(data, transforms, seed=args.seed)
         info.set_epoch(0, 0)
         return info.dataloader
     if kind == "wds":
-        info = get_wds_dataset(args, transforms, 0, is_train=True)
+        info = get_wds_dataset(data, transforms, seed=args.seed, rank=args.rank, world_size=args.world_size)
         info.set_epoch(0, 0)
         return info.dataloader
     return reference_loader(args, preprocess, tokenizer)

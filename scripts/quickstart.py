@@ -20,7 +20,7 @@ import torch
 import training  # noqa: F401  (registers the tiny configs with open_clip)
 from training.config import DataConfig, EvalConfig, RuntimeConfig
 from training.data.transforms import EvalTransform, ImageFormat
-from training.data.world import generate_world
+from training.demo.world import generate_world
 from training.eval.hook import TrainingEvaluator
 from training.models import create_clip
 

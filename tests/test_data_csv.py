@@ -10,6 +10,7 @@ import torch
 
 import training  # noqa: F401
 from helpers import write_image_csv
+from training.config import DataConfig, section_from
 from training.data import DataTransforms, get_data
 from training.data.csv import GlobalBatchSampler
 from training.data.transforms import ImageFormat, PairedViews
@@ -24,6 +25,10 @@ def _args(csv, root, **kw):
     return argparse.Namespace(**base)
 
 
+def _get_data(args, transforms):
+    return get_data(section_from(DataConfig, vars(args)), transforms, seed=args.seed)
+
+
 def _transforms(teacher_size=None):
     student = ImageFormat(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     teacher = ImageFormat(teacher_size, (0.4, 0.4, 0.4), (0.3, 0.3, 0.3)) if teacher_size else None
@@ -36,7 +41,7 @@ def _transforms(teacher_size=None):
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     root = str(tmp_path)
     csv = write_image_csv(root, n=16, bad={1: "missing", 5: "corrupt", 9: "empty"})
-    info = get_data(_args(csv, root, batch_size=5), _transforms())["train"]
+    info = _get_data(_args(csv, root, batch_size=5), _transforms())["train"]
     assert info.extra["dropped_at_load"] == {"empty_caption": 1}
     skipped, keys = {}, []
     for batch in info.dataloader:  # 15 usable rows, 3 batches of 5: every row is visited once
@@ -51,7 +56,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
 def test_teacher_and_student_see_the_same_view_in_their_own_format(tmp_path):
     root = str(tmp_path)
     csv = write_image_csv(root, n=8, size=48)
-    info = get_data(_args(csv, root), _transforms(teacher_size=40))["train"]
+    info = _get_data(_args(csv, root), _transforms(teacher_size=40))["train"]
     batch = next(iter(info.dataloader))
     assert batch["image"].shape[-1] == 32 and batch["teacher_image"].shape[-1] == 40
     assert batch["text"].shape[-1] == 24 and batch["teacher_text"].shape[-1] == 32
@@ -84,16 +89,16 @@ def test_two_ranks_cover_the_single_process_global_batches():
 
 def test_missing_csv_and_column_errors(tmp_path):
     with pytest.raises(UsageError, match="data file not found"):
-        get_data(_args(str(tmp_path / "nope.csv"), None), _transforms())
+        _get_data(_args(str(tmp_path / "nope.csv"), None), _transforms())
     csv = write_image_csv(str(tmp_path), n=8)
     with pytest.raises(UsageError, match="no column 'caption'"):
-        get_data(_args(csv, str(tmp_path), csv_caption_key="caption"), _transforms())
+        _get_data(_args(csv, str(tmp_path), csv_caption_key="caption"), _transforms())
 
 
 def test_csv_list_with_root_list(tmp_path):
     a = write_image_csv(str(tmp_path / "a"), n=8, seed=1)
     b = write_image_csv(str(tmp_path / "b"), n=8, seed=2)
-    info = get_data(_args(f"{a},{b}", f"{tmp_path / 'a'},{tmp_path / 'b'}"), _transforms())["train"]
+    info = _get_data(_args(f"{a},{b}", f"{tmp_path / 'a'},{tmp_path / 'b'}"), _transforms())["train"]
     assert info.num_batches == 4
     assert sum(len(batch["key"]) for batch in info.dataloader) == 16
 
@@ -123,7 +128,7 @@ def test_rows_missing_from_the_teacher_cache_are_left_out_and_counted(tmp_path):
     cached = {f"train/{i}" for i in range(16) if not 3 <= i <= 9}  # a run of 7 uncached rows after row 2
     transforms = _transforms()
     transforms.teacher_cache = _PartialCache(cached)
-    info = get_data(_args(csv, root, batch_size=3), transforms)["train"]
+    info = _get_data(_args(csv, root, batch_size=3), transforms)["train"]
     assert info.num_batches == 3 and info.extra["left_out_per_epoch"] == 7  # 9 cached rows, 3 batches of 3
     for epoch in (0, 1):
         info.set_epoch(epoch)

@@ -23,6 +23,7 @@ from training.main import build, main
 from training.models import create_clip
 from training.params import parse_args
 from training.teacher_cache import TeacherCache, TeacherCacheError, decode, encode, read_shard, verify_cache
+from training.teacher_cache import build as cache_build
 from training.train import teacher_outputs, train_step
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 20)]
@@ -132,7 +133,7 @@ def test_verify_cli_ok_and_detects_corruption(world, tmp_path, capsys):
 
 def test_killed_build_resumes_without_redoing_or_corrupting(world, tmp_path, monkeypatch):
     out = tmp_path / "killed"
-    real = cache_teacher._write_task
+    real = cache_build._write_task
     calls = []
 
     def dying(*args, **kwargs):
@@ -141,7 +142,7 @@ def test_killed_build_resumes_without_redoing_or_corrupting(world, tmp_path, mon
         calls.append(args[1].name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cache_teacher, "_write_task", dying)
+    monkeypatch.setattr(cache_build, "_write_task", dying)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher.main(build_argv(world, out))
     assert not os.path.exists(out / "manifest.json")
@@ -150,9 +151,9 @@ def test_killed_build_resumes_without_redoing_or_corrupting(world, tmp_path, mon
     open(out / "shards" / ".tmp-x-csv-000002.safetensors", "wb").write(b"partial")
     shutil.copy(os.path.join(world["fp16"], "shards", "csv-000002.safetensors"), out / "shards")
     done = {f: os.stat(out / "shards" / f).st_mtime_ns for f in ("csv-000000.safetensors", "csv-000001.safetensors")}
-    monkeypatch.setattr(cache_teacher, "_write_task", real)
+    monkeypatch.setattr(cache_build, "_write_task", real)
     redone = []
-    monkeypatch.setattr(cache_teacher, "_write_task", lambda *a, **k: (redone.append(a[1].name), real(*a, **k)))
+    monkeypatch.setattr(cache_build, "_write_task", lambda *a, **k: (redone.append(a[1].name), real(*a, **k)))
     assert cache_teacher.main(build_argv(world, out)) == 0
     assert redone == ["csv-000002"]  # finished shards are skipped
     assert {f: os.stat(out / "shards" / f).st_mtime_ns for f in done} == done
@@ -243,7 +244,7 @@ def test_replayed_view_reproduces_the_teacher_pixels_exactly(world):
         key = f"train/{i}"
         image = load_image(world, key)
         caption = f"a photo of thing {i} in colour {i % 4}"
-        built = cache_teacher.prepare_sample(image, caption, key, tfmt, teacher.tokenizer, 3, seed=0)
+        built = cache_build.prepare_sample(image, caption, key, tfmt, teacher.tokenizer, 3, seed=0)
         for epoch in range(4):
             s = make_sample(image, caption, key, same, True, sample_rng(0, epoch, key))
             k = int(s["teacher_view_index"])

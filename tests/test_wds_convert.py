@@ -11,11 +11,20 @@ import pytest
 import torch
 
 from helpers import write_image_csv
+from training.config import DataConfig, section_from
 from training.data.common import DataTransforms
 from training.data.convert import main
-from training.data.webdataset import get_wds_dataset
+from training.data.wds import get_wds_dataset
 
 BAD = {3: "missing", 5: "corrupt", 7: "empty"}
+
+
+def _wds(args, transforms, epoch=0, is_train=True):
+    """get_wds_dataset from the flat test settings (the data section plus seed, rank and world size)."""
+    return get_wds_dataset(section_from(DataConfig, vars(args)), transforms, seed=args.seed, epoch=epoch,
+                           is_train=is_train, rank=vars(args).get("rank"),
+                           world_size=vars(args).get("world_size"))
+
 
 
 def _transforms():
@@ -47,7 +56,7 @@ def test_convert_writes_shards_sizes_and_stable_keys(tmp_path, capsys):
     # the loader reads them back under the CSV loader's keys (<csv stem>/<row>)
     args = SimpleNamespace(val_data=os.path.join(out, "{00000..00002}.tar"), val_num_samples=None, batch_size=5,
                            workers=0, seed=0, wds_caption_key="txt", wds_key_format="auto", wds_shuffle_buffer=10)
-    info = get_wds_dataset(args, _transforms(), 0, is_train=False)
+    info = _wds(args, _transforms(), 0, is_train=False)
     keys = [k for batch in info.dataloader for k in batch["key"]]
     assert info.num_samples == 20
     assert keys == [f"train/{i}" for i in range(23) if i not in BAD]

@@ -13,12 +13,21 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from training.config import DataConfig, section_from
 from training.data.common import DataTransforms
-from training.data.webdataset import get_wds_dataset
+from training.data.wds import get_wds_dataset
 from training.params import UsageError, parse_args
 
 N_SHARDS, PER_SHARD = 6, 8
 CORRUPT, NO_CAPTION, TRUNCATED = (1, 3), (2, 5), 4
+
+
+def _wds(args, transforms, epoch=0, is_train=True):
+    """get_wds_dataset from the flat test settings (the data section plus seed, rank and world size)."""
+    return get_wds_dataset(section_from(DataConfig, vars(args)), transforms, seed=args.seed, epoch=epoch,
+                           is_train=is_train, rank=vars(args).get("rank"),
+                           world_size=vars(args).get("world_size"))
+
 
 
 def _jpeg(seed: int, size: int = 20) -> bytes:
@@ -106,7 +115,7 @@ def _run(info, epoch=0, start_batch=0, stop_after=None):
 
 def test_bad_data_is_skipped_counted_by_shard_and_iteration_continues(shards):
     folder = os.path.dirname(shards)
-    info = get_wds_dataset(_args(shards, workers=1), TRANSFORMS, 0, is_train=False)
+    info = _wds(_args(shards, workers=1), TRANSFORMS, 0, is_train=False)
     keys, skipped, _ = _run(info)
     assert skipped == {"corrupt_image": 1, "missing_caption": 1, "truncated_tar": 1}
     assert info.extra["skipped_by_shard"] == {f"corrupt_image:{folder}/shard-01.tar": 1,
@@ -117,7 +126,7 @@ def test_bad_data_is_skipped_counted_by_shard_and_iteration_continues(shards):
     assert len(keys) == len(set(keys)) == N_SHARDS * PER_SHARD - 2 - (PER_SHARD - lost)
     assert "s01_003" not in keys and "s02_005" not in keys
     # training: full batches every step, bad samples replaced by the next good one, counts totalled
-    train = get_wds_dataset(_args(shards), TRANSFORMS, 0)
+    train = _wds(_args(shards), TRANSFORMS, 0)
     tkeys, tskipped, n = _run(train)
     assert n == train.num_batches == 10 and len(tkeys) == 40 == len(set(tkeys))
     assert sum(train.extra["skipped_by_shard"].values()) == sum(tskipped.values()) > 0
@@ -126,16 +135,16 @@ def test_bad_data_is_skipped_counted_by_shard_and_iteration_continues(shards):
 @pytest.mark.parametrize("with_state", [True, False])
 def test_exact_mid_epoch_resume_with_two_workers(shards, with_state):
     args = _args(shards, train_num_samples=44, seed=3)  # 11 batches -> 6 per worker, the last one repeats data
-    full, _, n = _run(get_wds_dataset(args, TRANSFORMS, 0), epoch=1)
+    full, _, n = _run(_wds(args, TRANSFORMS, 0), epoch=1)
     assert n == 12 and len(full) == 48
     for stop in (3, 6):
-        first = get_wds_dataset(args, TRANSFORMS, 0)
+        first = _wds(args, TRANSFORMS, 0)
         before, _, _ = _run(first, epoch=1, stop_after=stop)
-        state = first.extra["state_fn"]()
+        state = first.state_dict()
         assert state["batch"] == stop and state["epoch"] == 1 and len(state["positions"]) == 2
-        second = get_wds_dataset(args, TRANSFORMS, 0)  # a fresh process after `--resume latest`
+        second = _wds(args, TRANSFORMS, 0)  # a fresh process after `--resume latest`
         if with_state:
-            second.extra["load_state_fn"]([state])  # the checkpoint keeps one state per rank
+            second.load_state_dict([state])  # the checkpoint keeps one state per rank
         assert len(second.dataloader) == second.num_batches  # nothing consumed yet
         after, _, m = _run(second, epoch=1, start_batch=stop)
         assert m == n - stop
@@ -146,7 +155,7 @@ def test_ranks_and_workers_read_disjoint_shards_and_get_equal_batches(shards):
     per_reader, counts = {}, []
     for rank in range(2):
         args = _args(shards, rank=rank, world_size=2, wds_key_format="shard", train_num_samples=24)
-        info = get_wds_dataset(args, TRANSFORMS, 0)
+        info = _wds(args, TRANSFORMS, 0)
         info.set_epoch(0)
         n = 0
         for b, batch in enumerate(info.dataloader):
@@ -163,7 +172,7 @@ def test_ranks_and_workers_read_disjoint_shards_and_get_equal_batches(shards):
 
 def test_shuffle_is_deterministic_per_seed_and_epoch(shards):
     def order(seed, epoch):
-        return _run(get_wds_dataset(_args(shards, seed=seed), TRANSFORMS, 0), epoch=epoch)[0]
+        return _run(_wds(_args(shards, seed=seed), TRANSFORMS, 0), epoch=epoch)[0]
 
     a = order(0, 0)
     assert a == order(0, 0)
@@ -174,14 +183,14 @@ def test_resampled_sources_weights_and_fresh_stream_on_resume(tmp_path, shards):
     other = make_shards(str(tmp_path / "cc12m"), n_shards=2, bad=False, json_captions=True, prefix="t")
     args = _args(f"{shards}::{other}", dataset_resampled=True, train_data_upsampling_factors="1::4",
                  wds_caption_key="caption", train_num_samples=32)
-    info = get_wds_dataset(args, TRANSFORMS, 0)
+    info = _wds(args, TRANSFORMS, 0)
     keys, _, n = _run(info)
     assert n == info.num_batches == 8
     sources = Counter(k.split("/")[0] for k in keys)
     assert set(sources) <= {"wds0", "cc12m"} and sources["cc12m"] > 0  # <source folder>/<__key__>
-    again, _, _ = _run(get_wds_dataset(args, TRANSFORMS, 0))
+    again, _, _ = _run(_wds(args, TRANSFORMS, 0))
     assert again == keys
-    resumed = [_run(get_wds_dataset(args, TRANSFORMS, 0), start_batch=3)[0] for _ in range(2)]
+    resumed = [_run(_wds(args, TRANSFORMS, 0), start_batch=3)[0] for _ in range(2)]
     assert resumed[0] == resumed[1] and len(resumed[0]) == 5 * 4
 
 
@@ -190,7 +199,7 @@ def test_teacher_preprocessing_and_pipe_urls(shards):
     transforms = DataTransforms(student_train=_student, student_val=_student, tokenizer=_tokenize,
                                 teacher_train=_teacher, teacher_val=_teacher, teacher_tokenizer=_tokenize)
     pipe = f"pipe:cat {folder}/shard-0{{0..3}}.tar"
-    info = get_wds_dataset(_args(pipe, workers=0), transforms, 0, is_train=False)
+    info = _wds(_args(pipe, workers=0), transforms, 0, is_train=False)
     batch = next(iter(info.dataloader))
     assert batch["image"].shape[1:] == (3, 16, 16) and batch["teacher_image"].shape[1:] == (3, 12, 12)
     assert batch["text"].shape == batch["teacher_text"].shape == (4, 2)
@@ -201,19 +210,19 @@ def test_teacher_preprocessing_and_pipe_urls(shards):
 
 def test_clear_errors(shards, tmp_path):
     with pytest.raises(UsageError, match="6 shards but 2 process.*--workers 3 or fewer"):
-        get_wds_dataset(_args(shards, workers=4, world_size=2), TRANSFORMS, 0)
+        _wds(_args(shards, workers=4, world_size=2), TRANSFORMS, 0)
     with pytest.raises(UsageError, match="--dataset-resampled"):
-        get_wds_dataset(_args(shards, train_data_upsampling_factors="2"), TRANSFORMS, 0)
+        _wds(_args(shards, train_data_upsampling_factors="2"), TRANSFORMS, 0)
     with pytest.raises(UsageError, match="s3fs"):
-        get_wds_dataset(_args("s3://bucket/{0..3}.tar"), TRANSFORMS, 0)
+        _wds(_args("s3://bucket/{0..3}.tar"), TRANSFORMS, 0)
     with pytest.raises(UsageError, match="no shard"):
-        get_wds_dataset(_args(str(tmp_path / "{0..3}.tar")), TRANSFORMS, 0)
+        _wds(_args(str(tmp_path / "{0..3}.tar")), TRANSFORMS, 0)
     no_sizes = make_shards(str(tmp_path / "nosizes"), n_shards=2, bad=False)
     os.remove(str(tmp_path / "nosizes" / "sizes.json"))
     with pytest.raises(UsageError, match="--train-num-samples"):
-        get_wds_dataset(_args(no_sizes, train_num_samples=None, workers=1), TRANSFORMS, 0)
+        _wds(_args(no_sizes, train_num_samples=None, workers=1), TRANSFORMS, 0)
     # sizes.json is enough when --train-num-samples is not given
-    sized = get_wds_dataset(_args(shards, train_num_samples=None, workers=1), TRANSFORMS, 0)
+    sized = _wds(_args(shards, train_num_samples=None, workers=1), TRANSFORMS, 0)
     assert sized.num_samples == N_SHARDS * PER_SHARD
 
 
@@ -248,10 +257,10 @@ def test_cache_missing_skip_resume_without_state_replays_exactly(shards):
     transforms = DataTransforms(tokenizer=_tokenize, train_views=PairedViews(fmt, None, train=True),
                                 val_views=PairedViews(fmt, None, train=False), teacher_cache=_PartialCache())
     args = _args(shards, train_num_samples=32, seed=5)
-    full, skipped, n = _run(get_wds_dataset(args, transforms, 0), epoch=1)
+    full, skipped, n = _run(_wds(args, transforms, 0), epoch=1)
     assert n == 8 and skipped["not_in_teacher_cache"] > 0 and not any(k.endswith(("_001", "_002")) for k in full)
-    first = get_wds_dataset(args, transforms, 0)
+    first = _wds(args, transforms, 0)
     before, _, _ = _run(first, epoch=1, stop_after=3)
     # no saved positions: the workers replay by decoding, and must reject uncached keys as make_sample does
-    after, _, _ = _run(get_wds_dataset(args, transforms, 0), epoch=1, start_batch=3)
+    after, _, _ = _run(_wds(args, transforms, 0), epoch=1, start_batch=3)
     assert before + after == full

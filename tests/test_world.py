@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import world as W
-from training.data.world import generate_world, main
+from training.demo import world as W
+from training.demo.world import generate_world, main
 
 SMALL = {"num_train": 24, "num_val": 8, "num_zeroshot_per_class": 3}
 

@@ -56,7 +56,8 @@ def group_micro_batches(info: DataInfo, k: int) -> DataInfo:
 
     return DataInfo(dataloader=MicroBatches(info.dataloader, k), num_batches=info.num_batches // k,
                     num_samples=info.num_samples // info.num_batches * (info.num_batches // k) * k,
-                    set_epoch_fn=set_epoch, extra={**info.extra, "accum_freq": k, "micro_batches": info})
+                    set_epoch_fn=set_epoch, extra={**info.extra, "accum_freq": k, "micro_batches": info},
+                    stateful=info.stateful)
 
 
 # ---- output trees -------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
 
 class Trainer:
     def __init__(self, config: Config, env: distributed.DistEnv):
-        from .distill import create_distill_loss
+        from .distill import create_distill_loss, resolve_spec
         self.config, self.env = config, env
         legacy = _legacy_args(config)
         # a bad eval path fails now, not after the first epoch
@@ -109,9 +109,15 @@ class Trainer:
         self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
         cache, teacher_bundle = None, None
         if config.teacher.teacher_cache:  # cached teacher embeddings: no teacher is built or run
-            from .teacher_cache import open_for_training
+            from .teacher_cache import TeacherCacheError, open_for_training
 
-            cache, self.teacher = open_for_training(legacy)
+            if resolve_spec(config.distill.distill, config.distill.recipe, config.distill.overrides).needs(
+                    "teacher_internals"):
+                raise TeacherCacheError("the feat term needs the teacher's intermediate tokens, which a teacher-"
+                                        "embedding cache does not store: drop feat from --distill or train without "
+                                        "--teacher-cache")
+            cache, self.teacher = open_for_training(config.teacher, config.data,
+                                                    shard_teacher=config.parallel.fsdp_shard_teacher)
         else:
             self.teacher, teacher_bundle = create_teacher(config.teacher, env.device, config.runtime.precision)
         teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
@@ -142,7 +148,8 @@ class Trainer:
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
 
         transforms = build_transforms(self.student_bundle, teacher_bundle, config.seed, cache)
-        data = get_data(legacy, transforms, epoch=0, image_size=self.student_bundle.image_format.size)["train"]
+        data = get_data(config.data, transforms, seed=config.seed, image_size=self.student_bundle.image_format.size
+                        )["train"]
         self.data = group_micro_batches(data, optim.accum_freq)  # --accum-freq K: K micro-batches per step
         self.schedule = LRSchedule(self.optimizer, optim.lr, optim.warmup, self.data.num_batches * optim.epochs,
                                    optim.lr_scheduler)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from ..config import DataConfig
 from ..errors import UsageError
-from .common import DataInfo, DataTransforms, collate, make_sample
+from .common import DataInfo, DataTransforms, TeacherCacheError, collate, make_sample
 
-__all__ = ["DataInfo", "DataTransforms", "collate", "get_data", "infer_dataset_type", "make_sample"]
+__all__ = ["DataInfo", "DataTransforms", "TeacherCacheError", "collate", "dataset_type", "get_data", "infer_dataset_type", "make_sample"]
 
 
 def infer_dataset_type(train_data: str | None) -> str:
@@ -18,23 +19,27 @@ def infer_dataset_type(train_data: str | None) -> str:
     raise UsageError(f"cannot infer the dataset type of '{train_data}': pass --dataset-type csv|webdataset")
 
 
-def get_data(args, transforms: DataTransforms, epoch: int = 0, image_size: int = 224) -> dict[str, DataInfo]:
+def dataset_type(data: DataConfig) -> str:
+    """csv, webdataset or synthetic: --dataset-type, or what --train-data looks like under `auto`."""
+    return infer_dataset_type(data.train_data) if data.dataset_type == "auto" else data.dataset_type
+
+
+def get_data(data: DataConfig, transforms: DataTransforms, *, seed: int, epoch: int = 0,
+             image_size: int = 224) -> dict[str, DataInfo]:
     """{"train": DataInfo} for the configured source (evaluation data is read by training.evaluate)."""
-    kind = args.dataset_type
-    if kind == "auto":
-        kind = infer_dataset_type(args.train_data)
+    kind = dataset_type(data)
     if kind == "synthetic":
         from .synthetic import get_synthetic_dataset
 
-        return {"train": get_synthetic_dataset(args, transforms, True, epoch, image_size=image_size)}
-    if not args.train_data:
+        return {"train": get_synthetic_dataset(data, transforms, seed=seed, epoch=epoch, image_size=image_size)}
+    if not data.train_data:
         raise UsageError(f"--dataset-type {kind} needs --train-data")
     if kind == "csv":
         from .csv import get_csv_dataset
 
-        return {"train": get_csv_dataset(args, transforms, True, epoch)}
+        return {"train": get_csv_dataset(data, transforms, seed=seed, epoch=epoch)}
     if kind == "webdataset":
-        from .webdataset import get_wds_dataset
+        from .wds import get_wds_dataset
 
-        return {"train": get_wds_dataset(args, transforms, epoch, is_train=True)}
+        return {"train": get_wds_dataset(data, transforms, seed=seed, epoch=epoch)}
     raise UsageError(f"unknown --dataset-type {kind}")

@@ -1,14 +1,52 @@
-"""Pieces shared by every data source: the transforms bundle, DataInfo, and the batch collate."""
+"""Pieces shared by every data source: the transforms bundle, the teacher-cache join interface, DataInfo, and the
+batch collate."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
+
+from ..errors import WorkerUsageError
+
+MISSING_REASON = "not_in_teacher_cache"  # the `skipped` reason of a sample the teacher cache lacks
+
+
+class TeacherCacheError(WorkerUsageError):
+    """A teacher-cache problem: one line, exit 2 (also when raised in a DataLoader worker and re-raised by torch)."""
+
+
+class SampleNotCached(LookupError):
+    """A training sample whose key is not in the cache, under --cache-missing skip.
+
+    The CSV loader leaves uncached rows out of each epoch's order up front (`TeacherJoin.contains_keys`) and counts
+    them; the WebDataset loader treats an exception from `make_sample` carrying `skip_reason` like a bad image: the
+    sample is replaced by the next one of the stream and counted in the batch's `skipped` dict.
+    """
+
+    skip_reason = MISSING_REASON
+
+
+class TeacherJoin(Protocol):
+    """What the data layer asks of `DataTransforms.teacher_cache` (training.teacher_cache.TeacherCache implements
+    it): the loaders call only these, and never import the cache."""
+
+    dir: str  # shown in errors
+    missing: str  # "error" or "skip" (--cache-missing)
+    manifest: dict  # manifest["data"]["shards"]: the shard stems it was built from (WebDataset), if listed
+
+    def __contains__(self, key: str) -> bool: ...
+
+    def contains_keys(self, keys: Sequence[str]) -> np.ndarray:
+        """Boolean mask of the keys it holds."""
+
+    def sample_entry(self, key: str, caption: str, image_size: tuple[int, int], rng: random.Random | None) -> dict:
+        """{"view": ViewParams to replay, teacher_* tensors}; raises SampleNotCached (skip) or TeacherCacheError."""
 
 
 @dataclass
@@ -28,7 +66,7 @@ class DataTransforms:
     teacher_tokenizer: Callable | None = None
     train_views: Callable | None = None
     val_views: Callable | None = None
-    teacher_cache: Any = None  # training.teacher_cache.TeacherCache under --teacher-cache (train split only)
+    teacher_cache: TeacherJoin | None = None  # under --teacher-cache (train split only)
 
     def for_split(self, is_train: bool) -> tuple[Callable, Callable | None]:
         if is_train:
@@ -83,22 +121,28 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass
 class DataInfo:
-    """A loader plus what the trainer needs to drive it: sizes, epoch setting and mid-epoch resume."""
+    """A loader plus what the trainer needs to drive it: sizes, epoch setting and mid-epoch resume.
+
+    `stateful` (WebDataset) has `state_dict()`/`load_state_dict(states)` for a loader whose position is more than
+    (epoch, batch); the map-style loaders resume from (epoch, batch) alone and have none."""
 
     dataloader: Any
     num_batches: int
     num_samples: int
     set_epoch_fn: Callable[[int, int], None] | None = None
     extra: dict = field(default_factory=dict)
+    stateful: Any = None
+
+    def state_dict(self) -> dict | None:
+        """This rank's loader state (None when there is none); it differs between ranks: keep one per rank."""
+        return self.stateful.state_dict() if self.stateful is not None else None
+
+    def load_state_dict(self, states: list) -> None:
+        """The states gathered over ranks (indexed by rank); used by the next `set_epoch` when they match."""
+        if self.stateful is not None:
+            self.stateful.load_state_dict(states)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Deterministic order for (seed, epoch); skip the first `start_batch` batches (mid-epoch resume)."""
         if self.set_epoch_fn is not None:
             self.set_epoch_fn(epoch, start_batch)
-
-    def state_dict(self):  # TEMPORARY (the data package split brings the real one)
-        return self.extra["state_fn"]() if "state_fn" in self.extra else None
-
-    def load_state_dict(self, states: list) -> None:
-        if "load_state_fn" in self.extra:
-            self.extra["load_state_fn"](states)

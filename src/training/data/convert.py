@@ -16,6 +16,7 @@ Bad input prints one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import io
 import json
@@ -26,7 +27,8 @@ from collections import Counter
 
 from PIL import Image
 
-from training.errors import UsageError
+from training.errors import UsageError, run_cli
+from training.fileio import atomic_path, write_json, write_text
 
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SHOW = 10  # skipped rows listed per reason on stdout
@@ -85,25 +87,35 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class ShardWriter:
-    """Writes NNNNN.tar shards (via a temporary name, renamed when complete) and records their sizes."""
+    """Writes NNNNN.tar shards (each atomically: a temp file renamed when the shard is complete) and records their
+    sizes."""
 
     def __init__(self, out: str, per_shard: int):
         self.out, self.per_shard = out, per_shard
         self.sizes: dict[str, int] = {}
         self.tf: tarfile.TarFile | None = None
+        self._pending = contextlib.ExitStack()  # the open shard's atomic_path
         self.count = 0
 
     def _close(self) -> None:
         if self.tf is not None:
             self.tf.close()
-            name = f"{len(self.sizes):05d}.tar"
-            os.replace(os.path.join(self.out, name + ".tmp"), os.path.join(self.out, name))
-            self.sizes[name] = self.count
+            self._pending.close()  # renamed into place
+            self.sizes[f"{len(self.sizes):05d}.tar"] = self.count
+            self.tf, self.count = None, 0
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file), e.g. when the conversion fails."""
+        if self.tf is not None:
+            self.tf.close()
+            self._pending.__exit__(RuntimeError, RuntimeError("conversion aborted"), None)
             self.tf, self.count = None, 0
 
     def write(self, key: str, ext: str, image: bytes, caption: str, meta: dict) -> None:
         if self.tf is None:
-            self.tf = tarfile.open(os.path.join(self.out, f"{len(self.sizes):05d}.tar.tmp"), "w")
+            self._pending = contextlib.ExitStack()
+            tmp = self._pending.enter_context(atomic_path(os.path.join(self.out, f"{len(self.sizes):05d}.tar")))
+            self.tf = tarfile.open(tmp, "w")
         _add(self.tf, f"{key}.{ext}", image)
         _add(self.tf, f"{key}.txt", caption.encode("utf-8"))
         _add(self.tf, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
@@ -113,15 +125,14 @@ class ShardWriter:
 
     def finish(self) -> dict[str, int]:
         self._close()
-        with open(os.path.join(self.out, "sizes.json"), "w") as f:
-            json.dump(self.sizes, f, indent=1)
+        write_json(os.path.join(self.out, "sizes.json"), self.sizes)
         return self.sizes
 
 
 def _prepare_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
-    existing = sorted(glob.glob(os.path.join(out, "*.tar")) + glob.glob(os.path.join(out, "*.tar.tmp"))
+    existing = sorted(glob.glob(os.path.join(out, "*.tar")) + glob.glob(os.path.join(out, ".tmp-*.tar"))
                       + glob.glob(os.path.join(out, "sizes.json")))
     if existing and not overwrite:
         raise UsageError(f"--out {out} already holds shards ({len(existing)} files, e.g. "
@@ -131,41 +142,45 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         os.remove(path)
 
 
-def convert(args: argparse.Namespace) -> dict:
+def convert(csv: str, out: str, *, samples_per_shard: int = 10000, csv_img_key: str = "filepath",
+            csv_caption_key: str = "title", csv_separator: str = "\t", data_root: str | None = None, workers: int = 0,
+            overwrite: bool = False, no_progress: bool = False) -> dict:
+    """Convert one CSV into shards in `out`; returns the summary `print_summary` shows."""
     from training.data.csv import read_csv_table
 
-    if args.samples_per_shard < 1:
+    if samples_per_shard < 1:
         raise UsageError("--samples-per-shard must be at least 1")
-    if not os.path.isfile(args.csv):
-        raise UsageError(f"CSV file not found: {args.csv}")
-    if args.data_root and not os.path.isdir(args.data_root):
-        raise UsageError(f"--data-root {args.data_root} is not a folder")
-    sep = args.csv_separator.encode().decode("unicode_escape") if "\\" in args.csv_separator else args.csv_separator
-    roots = [args.data_root] if args.data_root else []
-    paths, captions, keys, dropped = read_csv_table([args.csv], roots, args.csv_img_key, args.csv_caption_key, sep)
+    if not os.path.isfile(csv):
+        raise UsageError(f"CSV file not found: {csv}")
+    if data_root and not os.path.isdir(data_root):
+        raise UsageError(f"--data-root {data_root} is not a folder")
+    sep = csv_separator.encode().decode("unicode_escape") if "\\" in csv_separator else csv_separator
+    roots = [data_root] if data_root else []
+    paths, captions, keys, dropped = read_csv_table([csv], roots, csv_img_key, csv_caption_key, sep)
     rows = [int(k.rsplit("/", 1)[1]) for k in keys]
     stem = keys[0].rsplit("/", 1)[0]
     total_rows = len(keys) + sum(dropped.values())
     skipped: dict[str, list[tuple[str, str]]] = {"empty_caption": [(f"{stem}/{r}", "")
                                                                    for r in sorted(set(range(total_rows)) - set(rows))]}
-    _prepare_out(args.out, args.overwrite)
+    _prepare_out(out, overwrite)
 
     from tqdm import tqdm
 
     jobs = list(enumerate(paths))
-    writer = ShardWriter(args.out, args.samples_per_shard)
+    writer = ShardWriter(out, samples_per_shard)
     notes: Counter = Counter()
     pool = None
-    if args.workers > 0:
+    if workers > 0:
         import multiprocessing
 
-        pool = multiprocessing.get_context("fork").Pool(args.workers)
+        pool = multiprocessing.get_context("fork").Pool(workers)
         results = pool.imap(check_image, jobs, chunksize=16)
     else:
         results = map(check_image, jobs)
+    ok = False
     try:
         for i, status, ext, data, detail in tqdm(results, total=len(jobs), desc="convert", unit="img",
-                                                  disable=args.no_progress, file=sys.stderr):
+                                                  disable=no_progress, file=sys.stderr):
             if status != "ok":
                 skipped.setdefault(status, []).append((keys[i], f"{paths[i]}: {detail}"))
                 continue
@@ -173,18 +188,18 @@ def convert(args: argparse.Namespace) -> dict:
                 notes["re-encoded as JPEG"] += 1
             meta = {"key": keys[i], "row": rows[i], "filepath": paths[i], "caption": captions[i]}
             writer.write(keys[i], ext, data, captions[i], meta)
+        ok = True
     finally:
         if pool is not None:
             pool.terminate()
+        if not ok:
+            writer.abort()
     if not writer.sizes and writer.tf is None:
-        raise UsageError(f"no image of {args.csv} could be read (first: {paths[0]}); check --data-root and "
+        raise UsageError(f"no image of {csv} could be read (first: {paths[0]}); check --data-root and "
                          f"--csv-img-key")
     sizes = writer.finish()
-    with open(os.path.join(args.out, "convert_skipped.tsv"), "w") as f:
-        f.write("reason\tkey\tdetail\n")
-        for reason, items in skipped.items():
-            for key, detail in items:
-                f.write(f"{reason}\t{key}\t{detail}\n")
+    write_text(os.path.join(out, "convert_skipped.tsv"), "reason\tkey\tdetail\n" + "".join(
+        f"{reason}\t{key}\t{detail}\n" for reason, items in skipped.items() for key, detail in items))
     return {"rows": total_rows, "samples": sum(sizes.values()), "shards": sizes,
             "skipped": {k: v for k, v in skipped.items() if v}, "notes": dict(notes)}
 
@@ -207,14 +222,16 @@ def print_summary(summary: dict, out: str) -> None:
     print(f"train with: --train-data '{pattern}' (sizes.json gives --train-num-samples {summary['samples']})")
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        summary = convert(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print_summary(summary, args.out)
+    print_summary(convert(**vars(args)), args.out)
+    return 0
+
+
+def main(argv=None) -> int:
+    code = run_cli(run, argv)
+    if code:  # bad input exits like the parser's own errors, also when called from Python
+        raise SystemExit(code)
     return 0
 
 

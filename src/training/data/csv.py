@@ -22,8 +22,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config import DataConfig
 from ..errors import UsageError, WorkerUsageError
-from .common import DataInfo, DataTransforms, collate, make_sample, sample_rng
+from .common import (
+    MISSING_REASON,
+    DataInfo,
+    DataTransforms,
+    TeacherCacheError,
+    TeacherJoin,
+    collate,
+    make_sample,
+    sample_rng,
+)
 
 _MAX_SUBSTITUTES = 64
 
@@ -90,9 +100,7 @@ class CsvDataset(Dataset):
         if cache is not None and cache.missing == "skip":
             self._mask_uncached(cache, paths)
 
-    def _mask_uncached(self, cache, paths: list[str]) -> None:
-        from ..teacher_cache import MISSING_REASON, TeacherCacheError
-
+    def _mask_uncached(self, cache: TeacherJoin, paths: list[str]) -> None:
         usable = cache.contains_keys(self.keys)
         if not usable.any():
             raise TeacherCacheError(f"none of the {len(self)} training rows is in the teacher cache {cache.dir} "
@@ -206,21 +214,22 @@ class GlobalBatchSampler(Sampler):
         return (self.num_batches - self.start_batch) * self.batch_size
 
 
-def get_csv_dataset(args, transforms: DataTransforms, is_train: bool, epoch: int = 0) -> DataInfo:
+def get_csv_dataset(data: DataConfig, transforms: DataTransforms, *, seed: int, is_train: bool = True,
+                    epoch: int = 0) -> DataInfo:
     from ..distributed import world_info
 
-    paths = [p for p in (args.train_data if is_train else args.val_data).split(",") if p]
-    roots = [r for r in args.data_root.split(",")] if args.data_root else []
-    dataset = CsvDataset(paths, roots, transforms, is_train, args.csv_img_key, args.csv_caption_key,
-                         args.csv_separator, seed=args.seed)
+    paths = [p for p in (data.train_data if is_train else data.val_data).split(",") if p]
+    roots = [r for r in data.data_root.split(",")] if data.data_root else []
+    dataset = CsvDataset(paths, roots, transforms, is_train, data.csv_img_key, data.csv_caption_key,
+                         data.csv_separator, seed=seed)
     rank, world_size = world_info()
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, shuffle=is_train,
-                                 num_samples=args.train_num_samples if is_train else None, usable=dataset.usable)
+    sampler = GlobalBatchSampler(len(dataset), data.batch_size, rank, world_size, seed, shuffle=is_train,
+                                 num_samples=data.train_num_samples if is_train else None, usable=dataset.usable)
     sampler.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.workers,
                         collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True,
                         persistent_workers=False)
     return DataInfo(dataloader=loader, num_batches=sampler.num_batches,
-                    num_samples=sampler.num_batches * args.batch_size * world_size,
+                    num_samples=sampler.num_batches * data.batch_size * world_size,
                     set_epoch_fn=sampler.set_epoch, extra={"dropped_at_load": dict(dataset.dropped),
                                                            "left_out_per_epoch": sampler.left_out})

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import DataConfig
 from .common import DataInfo, DataTransforms, collate, make_sample, sample_rng
 from .csv import GlobalBatchSampler
 
@@ -33,16 +34,16 @@ class SyntheticDataset(Dataset):
         return sample
 
 
-def get_synthetic_dataset(args, transforms: DataTransforms, is_train: bool, epoch: int = 0,
-                          image_size: int = 224) -> DataInfo:
+def get_synthetic_dataset(data: DataConfig, transforms: DataTransforms, *, seed: int, is_train: bool = True,
+                          epoch: int = 0, image_size: int = 224) -> DataInfo:
     from ..distributed import world_info
 
-    dataset = SyntheticDataset(args.synthetic_num_samples, transforms, is_train, image_size, seed=args.seed)
+    dataset = SyntheticDataset(data.synthetic_num_samples, transforms, is_train, image_size, seed=seed)
     rank, world_size = world_info()
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, rank, world_size, args.seed, shuffle=is_train,
-                                 num_samples=args.train_num_samples if is_train else None)
+    sampler = GlobalBatchSampler(len(dataset), data.batch_size, rank, world_size, seed, shuffle=is_train,
+                                 num_samples=data.train_num_samples if is_train else None)
     sampler.set_epoch(epoch)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+    loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.workers,
                         collate_fn=collate, drop_last=True)
     return DataInfo(dataloader=loader, num_batches=sampler.num_batches,
-                    num_samples=sampler.num_batches * args.batch_size * world_size, set_epoch_fn=sampler.set_epoch)
+                    num_samples=sampler.num_batches * data.batch_size * world_size, set_epoch_fn=sampler.set_epoch)

@@ -21,11 +21,11 @@ Zero-shot class mapping (folder name == class name, alphabetical): 0 circle, 1 c
 
 Usage::
 
-    from training.data.world import generate_world
+    from training.demo.world import generate_world
     w = generate_world("data/world", seed=0)      # a fast no-op when an identical world is already there
     # --train-data w.train_csv --val-data w.val_csv --data-root w.data_root --zeroshot-data w.zeroshot_dir
 
-    python -m training.data.world --out data/world [--seed 0 --num-train 4000 --num-val 500 --image-size 64]
+    python -m training.demo.world --out data/world [--seed 0 --num-train 4000 --num-val 500 --image-size 64]
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from training.errors import UsageError, first_line, run_cli
+from training.fileio import write_text
 
 # Bump when the generator's output changes for the same parameters (invalidates existing worlds).
 WORLD_VERSION = 1
@@ -395,7 +398,7 @@ def _write_split(root: Path, split: str, n: int, params: dict) -> None:
         rel = f"images/{split}/{i:06d}.jpg"
         _save_jpeg(render_scene(scene, params["image_size"]), root / rel, params["jpeg_quality"])
         lines.append(f"{rel}\t{scene.caption}")
-    _atomic_write_text(root / f"{split}.csv", "\n".join(lines) + "\n")
+    write_text(root / f"{split}.csv", "\n".join(lines) + "\n")
 
 
 def _write_zeroshot(root: Path, params: dict) -> None:
@@ -409,14 +412,8 @@ def _write_zeroshot(root: Path, params: dict) -> None:
             i = c * per_class + j
             scene = make_scene(params["seed"], "zeroshot", i, shape=shape)
             _save_jpeg(render_scene(scene, params["image_size"]), zs / shape / f"{i:06d}.jpg", params["jpeg_quality"])
-    _atomic_write_text(zs / "classnames.txt", "\n".join(SHAPES) + "\n")
-    _atomic_write_text(zs / "templates.txt", "\n".join(ZEROSHOT_TEMPLATES) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(zs / "classnames.txt", "\n".join(SHAPES) + "\n")
+    write_text(zs / "templates.txt", "\n".join(ZEROSHOT_TEMPLATES) + "\n")
 
 
 def _read_marker(root: Path) -> dict | None:
@@ -508,12 +505,12 @@ def generate_world(
         _write_split(root, "val", num_val, params)
         if num_zeroshot_per_class:
             _write_zeroshot(root, params)
-        _atomic_write_text(root / MARKER, json.dumps(params, indent=2, sort_keys=True) + "\n")
+        write_text(root / MARKER, json.dumps(params, indent=2, sort_keys=True) + "\n")
     return _paths(root, params, generated=True, seconds=time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.data.world",
+def run(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.demo.world",
                                 description="Generate the embedded demo image-caption world (deterministic by seed).")
     p.add_argument("--out", required=True, help="world directory (also the --data-root of its CSVs)")
     p.add_argument("--seed", type=int, default=0)
@@ -528,14 +525,17 @@ def main(argv: list[str] | None = None) -> int:
         w = generate_world(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                            image_size=args.image_size, num_zeroshot_per_class=args.num_zeroshot_per_class,
                            overwrite=args.overwrite, two_object_prob=args.two_object_prob)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # bad parameters or an unwritable --out: one line, exit 2
+        raise UsageError(first_line(e)) from e
     state = f"generated in {w.seconds:.1f}s" if w.generated else "up to date"
     print(f"world {w.root} ({state}): seed {args.seed}, {args.image_size}px, {w.num_train} train, {w.num_val} val, "
           f"{w.num_zeroshot} zero-shot ({len(w.classnames)} classes) | --train-data {w.train_csv} "
           f"--val-data {w.val_csv} --data-root {w.data_root} --zeroshot-data {w.zeroshot_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, argv)
 
 
 if __name__ == "__main__":
