@@ -19,11 +19,11 @@ from test_train_e2e import _grads_worker
 from training import distributed
 from training.checkpoint import restore_rank_rng
 from training.main import main
-from training.tokenizers import same_tokenizer
-from training.trainer import Trainer
 from training.models import create_clip
 from training.models.towers import mask_keys, mask_tokens
 from training.params import parse_config
+from training.tokenizers import same_tokenizer
+from training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ class _Vocab:
 
 
 def test_the_teacher_gets_its_own_tokenizer_when_the_vocabularies_differ():
-    from training.trainer import build_transforms
     from training.models import ModelBundle
+    from training.trainer import build_transforms
 
     a, b, a_again = _Vocab(0), _Vocab(7), _Vocab(0)
     assert not same_tokenizer(a, b)

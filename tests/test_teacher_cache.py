@@ -19,12 +19,13 @@ import training  # noqa: F401  (registers the tiny model configs)
 from training import cache_teacher, distributed, teacher_cache
 from training.data.common import sample_rng
 from training.data.transforms import ImageFormat, ViewParams, render_view
-from training.main import build, main
+from training.main import main
 from training.models import create_clip
-from training.params import parse_args
+from training.params import parse_config
 from training.teacher_cache import TeacherCache, TeacherCacheError, decode, encode, read_shard, verify_cache
 from training.teacher_cache import build as cache_build
 from training.train import teacher_outputs, train_step
+from training.trainer import Trainer
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 20)]
 SIZES = [(48, 40), (40, 56), (64, 64), (70, 50)]  # non-square: crop boxes and centre views differ per image
@@ -304,8 +305,7 @@ def train_argv(world, name, *extra, batch_size=4, logs=True):
 
 
 def _build(argv):
-    args = parse_args(argv)
-    return build(args, distributed.init_distributed("cpu"))
+    return Trainer(parse_config(argv), distributed.init_distributed("cpu"))
 
 
 def _step(trainer, batch):
@@ -323,8 +323,8 @@ def test_online_and_cached_teacher_give_the_same_losses_and_gradients(world, dty
                                batch_size=6, logs=False))
     online = _build(train_argv(world, "eq", "--teacher", "tiny-teacher", "--teacher-pretrained", world["teacher"],
                                *extra, batch_size=6, logs=False))
-    assert cached.trainer.teacher.embed_dims == online.trainer.teacher.embed_dims == [128]
-    tfmt = ImageFormat.from_model(online.trainer.teacher.members[0])
+    assert cached.teacher.embed_dims == online.teacher.embed_dims == [128]
+    tfmt = ImageFormat.from_model(online.teacher.members[0])
     ttok = open_clip.get_tokenizer("tiny-teacher")  # context 32; the student's is 24
     for batch in cached.data.dataloader:
         # the online teacher sees the very views the cache replayed to the student, rendered in its own format
@@ -333,13 +333,13 @@ def test_online_and_cached_teacher_give_the_same_losses_and_gradients(world, dty
             render_view(load_image(world, key), ViewParams.from_tuple(view.tolist()), tfmt)
             for key, view in zip(batch["key"], batch["view"])])
         online_batch["teacher_text"] = ttok([caption_of(key) for key in batch["key"]])
-        t_cached = teacher_outputs(cached.trainer, batch, batch["image"], batch["text"])
-        t_online = teacher_outputs(online.trainer, online_batch, batch["image"], batch["text"])
+        t_cached = teacher_outputs(cached, batch, batch["image"], batch["text"])
+        t_online = teacher_outputs(online, online_batch, batch["image"], batch["text"])
         for name in ("image_features", "text_features", "logit_scales"):
             for a, b in zip(t_cached[name], t_online[name]):
                 assert torch.allclose(a, b, atol=tol, rtol=0), (name, (a - b).abs().max())
-        lc, gc = _step(cached.trainer, batch)
-        lo, go = _step(online.trainer, online_batch)
+        lc, gc = _step(cached, batch)
+        lo, go = _step(online, online_batch)
         assert lc.keys() == lo.keys() and len(lc) > 8
         for k in lc:
             assert abs(lc[k] - lo[k]) <= tol * max(1.0, abs(lo[k])), (k, lc[k], lo[k])
@@ -395,7 +395,7 @@ def test_mismatches_fail_with_one_line_errors(world, tmp_path):
     # the same teacher named explicitly is accepted
     run = _build(train_argv(world, "ok", *cache, "--teacher", "tiny-teacher", "--teacher-pretrained",
                             world["teacher"], logs=False))
-    assert run.trainer.teacher.embed_dims == [128]
+    assert run.teacher.embed_dims == [128]
 
     # a corrupt shard: the start-up checksum (split over ranks) refuses it
     bad = tmp_path / "bad-cache"
@@ -556,7 +556,7 @@ def test_webdataset_cache_build_and_training_batches(world, tmp_path):
             assert k == 1 and torch.equal(batch["teacher_image_emb"][i], e["image"][0][k])
             assert torch.equal(batch["view"][i], e["views"][k].long())
         keys += batch["key"]
-        assert train_step(run.trainer, batch) is not None
+        assert train_step(run, batch) is not None
     assert sorted(keys) == sorted(f"s{i}_{j:03d}" for i in range(2) for j in range(4))
 
 
