@@ -186,9 +186,9 @@ def bench_pipelines(opts, csv: str, pattern: str) -> list[dict]:
 
 def bench_step(opts, pattern: str) -> dict:
     from training import distributed
-    from training.main import build
-    from training.params import parse_args
+    from training.params import parse_config
     from training.train import train_step
+    from training.trainer import Trainer
 
     argv = ["--model", opts.student, "--dataset-type", "webdataset", "--train-data", pattern,
             "--train-num-samples", str(opts.num_images), "--batch-size", str(opts.step_batch_size),
@@ -196,9 +196,8 @@ def bench_step(opts, pattern: str) -> dict:
             "--warmup", "1", "--distill", opts.distill]
     if opts.teacher:
         argv += ["--teacher", opts.teacher]
-    args = parse_args(argv)
-    run = build(args, distributed.init_distributed("cpu"))
-    trainer, data = run.trainer, run.data
+    trainer = Trainer(parse_config(argv), distributed.init_distributed("cpu"))
+    data = trainer.data
     trainer.model.train()
     waits, steps = [], []
     data.set_epoch(0, 0)

@@ -4,7 +4,7 @@
     python benchmarks/scaling.py --part throughput --steps 20 --batch-size 32
     python benchmarks/scaling.py --part memory --memory-model ViT-B-16 --memory-image-size 64
 
-Throughput: the real training step (training.main.build + train_one_epoch's step) on synthetic data, tiny-student
+Throughput: the real training step (training.trainer.Trainer + its train_step) on synthetic data, tiny-student
 distilled from tiny-teacher with the clip-kd recipe, one thread per process, the same per-process batch (weak
 scaling) and the same global batch (strong scaling); samples/s over the timed steps after a warm-up.
 
@@ -96,16 +96,15 @@ def _worker(rank: int, world_size: int, port: int, job: dict, out: str) -> None:
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     torch.set_num_threads(1)
     from training import distributed
-    from training.main import build
-    from training.params import parse_args
+    from training.params import parse_config
     from training.train import train_step
+    from training.trainer import Trainer
 
     env = distributed.init_distributed("cpu")
-    run = build(parse_args(job["argv"]), env)
-    trainer = run.trainer
+    trainer = Trainer(parse_config(job["argv"]), env)
     trainer.model.train()
-    run.data.set_epoch(0)
-    batches = iter(run.data.dataloader)
+    trainer.data.set_epoch(0)
+    batches = iter(trainer.data.dataloader)
     result: dict = {}
     if job["kind"] == "memory":
         real_step = trainer.engine.step

@@ -36,9 +36,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from training import distributed  # noqa: E402
-from training.main import build  # noqa: E402
-from training.params import parse_args  # noqa: E402
-from training.train import autocast_for, input_dtype, train_step  # noqa: E402
+from training.params import parse_config  # noqa: E402
+from training.precision import autocast_for, input_dtype  # noqa: E402
+from training.train import train_step  # noqa: E402
+from training.trainer import Trainer  # noqa: E402
 
 
 def make_run(opts, distill: str, with_teacher: bool):
@@ -47,9 +48,8 @@ def make_run(opts, distill: str, with_teacher: bool):
             "--precision", opts.precision, "--device", opts.device, "--warmup", "1", "--distill", distill]
     if with_teacher:
         argv += ["--teacher", opts.teacher]
-    args = parse_args(argv)
-    env = distributed.init_distributed(args.device)
-    return build(args, env)
+    config = parse_config(argv)
+    return Trainer(config, distributed.init_distributed(config.runtime.device))
 
 
 def sync(device):
@@ -93,11 +93,11 @@ def make_cache_run(opts, teacher: str, student: str, folder: str):
             "--device", opts.device, "--precision", opts.precision]
     if cache_teacher.main(argv) != 0:
         raise SystemExit("building the benchmark cache failed")
-    args = parse_args(["--model", student, "--train-data", csv, "--data-root", os.path.join(folder, "data"),
+    config = parse_config(["--model", student, "--train-data", csv, "--data-root", os.path.join(folder, "data"),
                        "--batch-size", str(opts.batch_size), "--workers", "0", "--logs", "", "--precision",
                        opts.precision, "--device", opts.device, "--warmup", "1", "--distill", opts.distill,
                        "--teacher-cache", cache_dir])
-    return build(args, distributed.init_distributed(args.device)), cache_dir
+    return Trainer(config, distributed.init_distributed(config.runtime.device)), cache_dir
 
 
 def storage_bytes_per_sample(dims: list[int], views: int, samples: int = 2000) -> dict[str, float]:
@@ -124,9 +124,9 @@ def measure_pair(opts, teacher_name: str, student_name: str, folder: str) -> dic
     opts.teacher, opts.student = teacher_name, student_name
     student_run = make_run(opts, "task=1", with_teacher=False)
     kd_run = make_run(opts, opts.distill, with_teacher=True)
-    device = kd_run.trainer.env.device
+    device = kd_run.env.device
     batch = next(iter(kd_run.data.dataloader))
-    teacher = kd_run.trainer.teacher
+    teacher = kd_run.teacher
     image = batch.get("teacher_image", batch["image"]).to(device, dtype=input_dtype(opts.precision))
     text = batch.get("teacher_text", batch["text"]).to(device)
     autocast = autocast_for(opts.precision, device)
@@ -135,14 +135,14 @@ def measure_pair(opts, teacher_name: str, student_name: str, folder: str) -> dic
         with autocast():
             teacher(image, text)
 
-    steps = {"student step": lambda: train_step(student_run.trainer, batch), "teacher fwd": teacher_forward,
-             "KD step": lambda: train_step(kd_run.trainer, batch)}
+    steps = {"student step": lambda: train_step(student_run, batch), "teacher fwd": teacher_forward,
+             "KD step": lambda: train_step(kd_run, batch)}
     cache_info = None
     if opts.cache:
         cache_run, cache_dir = make_cache_run(opts, teacher_name, student_name, folder)
         cached_batch = next(iter(cache_run.data.dataloader))
         assert "teacher_image_emb" in cached_batch
-        steps["cached KD step"] = lambda: train_step(cache_run.trainer, cached_batch)
+        steps["cached KD step"] = lambda: train_step(cache_run, cached_batch)
         cache_info = {"dims": teacher.embed_dims, "dir": cache_dir}
     measures = {k: [] for k in steps}
     names = list(steps)
@@ -158,7 +158,7 @@ def measure_pair(opts, teacher_name: str, student_name: str, folder: str) -> dic
             c / s for c, s in zip(measures["cached KD step"], measures["student step"]))
         ratios["online/cached"] = statistics.median(
             o / c for o, c in zip(measures["KD step"], measures["cached KD step"]))
-    student_model = student_run.trainer.model
+    student_model = student_run.model
     student_fwd = forward_flops(lambda: student_model(batch["image"].to(device, dtype=input_dtype(opts.precision)),
                                                       batch["text"].to(device)))
     flops = {"student fwd": student_fwd, "teacher fwd": forward_flops(teacher_forward)}
