@@ -15,6 +15,7 @@ import torch
 from . import distributed, parallel
 from .accumulation import group_micro_batches
 from .checkpoint import atomic_save, check_resume, latest_checkpoint, load_checkpoint, restore_rank_rng, write_latest
+from .config import Config
 from .data import DataInfo, DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
 from .distill.features import check_masking_supported
@@ -113,7 +114,9 @@ def build(args, env: distributed.DistEnv) -> Run:
     log_dir = os.path.join(args.logs, args.name) if args.logs and args.name else None
     seed_everything(args.seed)  # same seed on every rank: identical student init and loss-side heads
     precision = resolve(args.precision, env.device, args.amp_fp16_on_cpu)
-    engine_name = parallel.engine_name(args)
+    sections = Config.from_args(args)
+    parallel.check_config(sections.parallel)
+    engine_name = sections.parallel.engine
     # --precision bf16: FSDP2 and DeepSpeed cast the weights themselves (fp32 master weights); DDP and Horovod
     # train open_clip's bf16 model, as open_clip does
     student_bundle = create_student(args, env.device, low_precision="bf16" if precision.low_precision_weights
@@ -145,12 +148,15 @@ def build(args, env: distributed.DistEnv) -> Run:
         wrapped.image_layers, wrapped.text_layers = student_layers.get("image"), student_layers.get("text")
         teacher.set_intermediate_layers(loss_fn.feat_layers_for("teacher"), member=args.kd_teacher_member or 0)
     scaler = make_grad_scaler(precision, sharded=engine_name == "fsdp")
-    # DDP, FSDP2, DeepSpeed or Horovod (training/parallel.py); the optimizer is built after wrapping
-    engine = parallel.wrap(args, env, wrapped, loss_fn, teacher,
-                           make_groups=lambda: param_groups(student, loss_fn, args.wd),
-                           make_optimizer=lambda groups: torch.optim.AdamW(groups, lr=args.lr, eps=args.eps,
-                                                                           betas=(args.beta1, args.beta2)),
-                           scaler=scaler)
+    # DDP, FSDP2, DeepSpeed or Horovod (training/parallel/); the optimizer is built after wrapping
+    optim = sections.optim
+    engine = parallel.create_engine(
+        sections.parallel, env, model=wrapped, loss_fn=loss_fn, teacher=teacher,
+        make_groups=lambda: param_groups(student, loss_fn, optim.wd),
+        make_optimizer=lambda groups: torch.optim.AdamW(groups, lr=optim.lr, eps=optim.eps,
+                                                        betas=(optim.beta1, optim.beta2)),
+        scaler=scaler, precision=precision, batch_size=sections.data.batch_size, accum_freq=optim.accum_freq,
+        grad_clip_norm=optim.grad_clip_norm, torchcompile=sections.model.torchcompile)
     logging.info("student engine: %s", engine.describe())
 
     transforms = build_transforms(args, student_bundle, teacher_bundle, cache)
@@ -174,7 +180,7 @@ def build(args, env: distributed.DistEnv) -> Run:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
-    parallel.launch(args)  # --horovod: hvd.init() tells each process its rank
+    parallel.launch(Config.from_args(args).parallel)  # --horovod: hvd.init() tells each process its rank
     env = distributed.init_distributed(args.device, args.dist_backend, args.dist_url)
     args.name = run_name(args)
     log_dir = os.path.join(args.logs, args.name) if args.logs else None

@@ -42,7 +42,7 @@ class Trainer:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     skipped: Counter = field(default_factory=Counter)
-    engine: Any = None  # parallel.Engine: how the student is wrapped and stepped (plain/DDP when not given)
+    engine: Any = None  # parallel.Engine (from parallel.create_engine): how the student is wrapped and stepped
     precision: Precision | None = None  # resolved from args.precision when not given
     stop: StopRequest | None = None  # SIGUSR1/SIGTERM: finish the step, save, exit (training/preemption.py)
 
@@ -50,10 +50,7 @@ class Trainer:
         if self.precision is None:
             self.precision = resolve(self.args.precision, self.env.device, getattr(self.args, "amp_fp16_on_cpu", False))
         if self.engine is None:
-            from .parallel import Engine
-
-            self.engine = Engine.around(self.args, self.env, self.model, self.student, self.loss_fn, self.optimizer,
-                                        self.scaler)
+            raise TypeError("Trainer needs the engine that wrapped its model (training.parallel.create_engine)")
 
     def state_dict(self) -> dict:
         """Collective under FSDP2/DeepSpeed (full tensors gathered to rank 0); every rank calls it, rank 0 saves."""
@@ -208,15 +205,9 @@ def accumulated_step(trainer: Trainer, micro_batches: list[dict]) -> dict[str, t
 
 
 def update(trainer: Trainer) -> None:
-    """After the backward: average what the engine does not, clip, step, clamp the student's temperature."""
-    engine = trainer.engine
-    # Loss-side heads (and FSDP's replicated scalar logit scale) sit outside the engine's gradient sync: average
-    # their gradients across ranks like DDP does for the student.
-    distributed.all_reduce_mean_([p.grad for p in engine.unsynced_params()])
-    if trainer.args.grad_clip_norm is not None:
-        engine.clip_grad_norm_(trainer.args.grad_clip_norm)
-    engine.step()
-    engine.clamp_logit_scale_()  # open_clip's clamp: the student's temperature never exceeds 100
+    """After the backward: the engine syncs, clips and steps; then the temperatures are clamped."""
+    trainer.engine.update()
+    trainer.engine.clamp_logit_scale_()  # open_clip's clamp: the student's temperature never exceeds 100
     if hasattr(trainer.loss_fn, "clamp_scales_"):
         trainer.loss_fn.clamp_scales_()  # the learnable icl/afd scales, the same way
 
