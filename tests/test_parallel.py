@@ -1,4 +1,4 @@
-"""Engines and accumulation (training/parallel.py, --accum-freq): equivalence with one plain process, and checkpoints
+"""Engines and accumulation (training/parallel/, --accum-freq): equivalence with one plain process, and checkpoints
 that move between engines.
 
 One 1-process spawn computes the references; one 2-process (gloo) spawn runs every engine job in a row

@@ -12,7 +12,7 @@ from training.accumulation import concat, group_micro_batches
 from training.data import DataInfo
 from training.main import build
 from training.models import create_clip
-from training.params import UsageError, parse_args
+from training.params import UsageError, parse_args, parse_config
 from training.train import accumulated_step, distill_losses, model_inputs, student_forward, teacher_outputs
 
 
@@ -101,37 +101,44 @@ def test_micro_batches_are_grouped_per_optimizer_step():
     (["--deepspeed", "/nonexistent.json"], "config not found"),
 ])
 def test_conflicting_scale_out_flags_are_usage_errors(flags, message):
-    from training.parallel import check_args
+    from training.parallel import check_config
 
     with pytest.raises(UsageError, match=message):
-        check_args(parse_args(flags))
+        check_config(parse_config(flags).parallel)
+
+
+def _deepspeed_config(argv, world_size):
+    """training.parallel.deepspeed_config with the values the flags give."""
+    from training.parallel import deepspeed_config
+
+    config = parse_config(argv)
+    return deepspeed_config(config.parallel.deepspeed, batch_size=config.data.batch_size,
+                            accum_freq=config.optim.accum_freq, grad_clip_norm=config.optim.grad_clip_norm,
+                            precision=config.runtime.precision, world_size=world_size)
 
 
 def test_deepspeed_config_takes_batch_accumulation_clipping_and_precision_from_the_flags(tmp_path):
-    from training.parallel import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
-    cfg = deepspeed_config(parse_args(["--deepspeed", str(path), "--batch-size", "16", "--accum-freq", "2",
-                                       "--precision", "bf16"]), world_size=4)
+    cfg = _deepspeed_config(["--deepspeed", str(path), "--batch-size", "16", "--accum-freq", "2",
+                             "--precision", "bf16"], world_size=4)
     assert cfg["train_micro_batch_size_per_gpu"] == 16 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["train_batch_size"] == 128 and cfg["gradient_clipping"] == 0.0  # DeepSpeed would clip to 1.0
     assert cfg["bf16"] == {"enabled": True} and cfg["zero_optimization"] == {"stage": 2}
     path.write_text(json.dumps({"train_batch_size": 64}))
     with pytest.raises(UsageError, match="train_batch_size=64"):
-        deepspeed_config(parse_args(["--deepspeed", str(path), "--batch-size", "16"]), world_size=1)
+        _deepspeed_config(["--deepspeed", str(path), "--batch-size", "16"], world_size=1)
     path.write_text(json.dumps({"fp16": {"enabled": True}}))
     with pytest.raises(UsageError, match="enables fp16"):
-        deepspeed_config(parse_args(["--deepspeed", str(path)]), world_size=1)
+        _deepspeed_config(["--deepspeed", str(path)], world_size=1)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_shipped_deepspeed_configs_are_accepted(stage):
     import os
 
-    from training.parallel import deepspeed_config
-
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "deepspeed",
                         f"zero{stage}.json")
-    cfg = deepspeed_config(parse_args(["--deepspeed", path, "--precision", "amp_bf16"]), world_size=8)
+    cfg = _deepspeed_config(["--deepspeed", path, "--precision", "amp_bf16"], world_size=8)
     assert cfg["zero_optimization"]["stage"] == stage and cfg["train_batch_size"] == 64 * 8

@@ -301,7 +301,8 @@ RANGES: dict[str, str] = {
 # sub-option -> the flag it needs (without it the sub-option would be ignored silently)
 NEEDS = {"lock_image_unlocked_groups": "lock_image", "lock_image_freeze_bn_stats": "lock_image",
          "lock_text_unlocked_layers": "lock_text", "lock_text_freeze_layer_norm": "lock_text",
-         "teacher_pretrained": "teacher", "train_data_upsampling_factors": "dataset_resampled"}
+         "teacher_pretrained": "teacher", "train_data_upsampling_factors": "dataset_resampled",
+         "fsdp_shard_teacher": "fsdp"}
 
 
 def _flag(dest: str) -> str:

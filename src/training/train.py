@@ -138,14 +138,8 @@ def accumulated_step(trainer, micro_batches: list[dict]) -> dict[str, torch.Tens
 
 
 def update(trainer) -> None:
-    """After the backward: average what the engine does not, clip, step, clamp the student's temperature."""
-    engine = trainer.engine
-    # Loss-side heads (and FSDP's replicated scalar logit scale) sit outside the engine's gradient sync: average
-    # their gradients across ranks like DDP does for the student.
-    distributed.all_reduce_mean_([p.grad for p in engine.unsynced_params()])
-    if trainer.config.optim.grad_clip_norm is not None:
-        engine.clip_grad_norm_(trainer.config.optim.grad_clip_norm)
-    engine.step()
-    engine.clamp_logit_scale_()  # open_clip's clamp: the student's temperature never exceeds 100
+    """After the backward: the engine syncs, clips and steps; then the temperatures are clamped."""
+    trainer.engine.update()
+    trainer.engine.clamp_logit_scale_()  # open_clip's clamp: the student's temperature never exceeds 100
     if hasattr(trainer.loss_fn, "clamp_scales_"):
         trainer.loss_fn.clamp_scales_()  # the learnable icl/afd scales, the same way

@@ -9,7 +9,6 @@ its own cadence: the checkpoint manager when to save, the evaluator what is due 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import time
@@ -69,14 +68,6 @@ class TrainState:
         self.skipped = Counter(state.get("skipped", {})) if self.is_master else Counter()
 
 
-def _legacy_args(config: Config) -> argparse.Namespace:  # TEMPORARY: for the layers not yet on config sections
-    from .config import comma_list
-
-    return argparse.Namespace(**config.flat(), teacher_list=config.teacher.models,
-                              teacher_pretrained_list=comma_list(config.teacher.teacher_pretrained),
-                              distill_overrides=config.distill.overrides)
-
-
 def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: int, cache=None) -> DataTransforms:
     """One random view rendered for both models; the teacher's own tokenizer only when it differs."""
     teacher_fmt = teacher.image_format if teacher else None
@@ -95,7 +86,6 @@ class Trainer:
     def __init__(self, config: Config, env: distributed.DistEnv):
         from .distill import create_distill_loss, resolve_spec
         self.config, self.env = config, env
-        legacy = _legacy_args(config)
         # a bad eval path fails now, not after the first epoch
         self.evaluator = TrainingEvaluator(config.eval, config.data, config.runtime, config.optim.epochs)
         seed_everything(config.seed)  # same seed on every rank: identical student init and loss-side heads
@@ -140,10 +130,12 @@ class Trainer:
                                                  member=config.distill.kd_teacher_member or 0)
         self.scaler = make_grad_scaler(self.precision, sharded=engine_name == "fsdp")
         optim = config.optim
-        self.engine = parallel.wrap(legacy, env, forward, self.loss_fn, self.teacher,
-                                    make_groups=lambda: param_groups(self.student, self.loss_fn, optim.wd),
-                                    make_optimizer=lambda groups: create_optimizer(groups, optim),
-                                    scaler=self.scaler)
+        self.engine = parallel.create_engine(  # DDP, FSDP2, DeepSpeed or Horovod; the optimizer is built after wrapping
+            config.parallel, env, model=forward, loss_fn=self.loss_fn, teacher=self.teacher,
+            make_groups=lambda: param_groups(self.student, self.loss_fn, optim.wd),
+            make_optimizer=lambda groups: create_optimizer(groups, optim), scaler=self.scaler,
+            precision=self.precision, batch_size=config.data.batch_size, accum_freq=optim.accum_freq,
+            grad_clip_norm=optim.grad_clip_norm, torchcompile=config.model.torchcompile)
         logging.info("student engine: %s", self.engine.describe())
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
 

@@ -1,4 +1,4 @@
-"""A stand-in for `horovod.torch` on top of torch.distributed, for the --horovod code path of training/parallel.py.
+"""A stand-in for `horovod.torch` on top of torch.distributed, for training/parallel/horovod.py (--horovod).
 
 Horovod cannot be built in the test environment (docs/scale_out.md). This implements the part of its API the engine
 uses, with Horovod's semantics: DistributedOptimizer averages every gradient over the ranks before step() (after
