@@ -52,8 +52,6 @@ def resolve_device(requested: str | None, local_rank: int) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            from .errors import UsageError
-
             raise UsageError("--device cuda was requested but CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -26,6 +26,31 @@ class WorkerUsageError(UsageError):
         super().__init__(message)
 
 
+# ---- the domain errors: each a UsageError, so every entry point prints it as one line, exit 2 -------------------------
+class DistillSpecError(UsageError):
+    """A distillation request this run cannot honour: a bad spec or option (`distill.spec` adds the valid terms),
+    or a tower that cannot give what a term needs."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class TeacherCacheError(WorkerUsageError):
+    """A teacher-cache problem (also when raised in a DataLoader worker and re-raised by torch)."""
+
+
+class UnusableRowsError(WorkerUsageError):
+    """So many bad CSV rows in a row that the data (or --data-root) is wrong, not a few samples."""
+
+
+class NoDataError(WorkerUsageError):
+    """A WebDataset reader's shards hold no usable sample, so it cannot produce its share of batches."""
+
+
+class DatasetError(UsageError):
+    """An evaluation dataset path or file that cannot be used."""
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue: one line, exit code 1."""
 

@@ -27,8 +27,6 @@ def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> 
             os.makedirs(os.path.dirname(log_file), exist_ok=True)
             handlers.append(logging.FileHandler(log_file))
         except OSError as exc:
-            from .errors import UsageError
-
             raise UsageError(f"cannot write the run folder {os.path.dirname(log_file)} (--logs): "
                              f"{exc.strerror or exc}") from exc
     logging.basicConfig(level=level if is_master else logging.WARNING, handlers=handlers, force=True,

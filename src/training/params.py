@@ -357,8 +357,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     """The flags as parsed and validated (the flat namespace; `parse_config` gives the typed sections)."""
     args = build_parser().parse_args(argv)
     validate_args(args)
-    args.teacher_list, args.teacher_pretrained_list = comma_list(args.teacher), comma_list(args.teacher_pretrained)
-    args.distill_overrides = Config.from_args(args).distill.overrides  # TEMPORARY until every layer takes Config
     return args
 
 

@@ -24,7 +24,7 @@ from .checkpoint import CheckpointManager
 from .config import Config
 from .data import DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
-from .errors import UsageError
+from .errors import TeacherCacheError, UsageError
 from .eval.hook import TrainingEvaluator
 from .logger import MetricLogger
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
@@ -99,7 +99,7 @@ class Trainer:
         self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
         cache, teacher_bundle = None, None
         if config.teacher.teacher_cache:  # cached teacher embeddings: no teacher is built or run
-            from .teacher_cache import TeacherCacheError, open_for_training
+            from .teacher_cache import open_for_training
 
             if resolve_spec(config.distill.distill, config.distill.recipe, config.distill.overrides).needs(
                     "teacher_internals"):

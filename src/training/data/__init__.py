@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..config import DataConfig
-from ..errors import UsageError
-from .common import DataInfo, DataTransforms, TeacherCacheError, collate, make_sample
+from ..errors import TeacherCacheError, UsageError
+from .common import DataInfo, DataTransforms, collate, make_sample
 
 __all__ = ["DataInfo", "DataTransforms", "TeacherCacheError", "collate", "dataset_type", "get_data", "infer_dataset_type", "make_sample"]
 

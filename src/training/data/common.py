@@ -12,13 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import WorkerUsageError
-
 MISSING_REASON = "not_in_teacher_cache"  # the `skipped` reason of a sample the teacher cache lacks
-
-
-class TeacherCacheError(WorkerUsageError):
-    """A teacher-cache problem: one line, exit 2 (also when raised in a DataLoader worker and re-raised by torch)."""
 
 
 class SampleNotCached(LookupError):

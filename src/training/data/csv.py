@@ -23,12 +23,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
-from ..errors import UsageError, WorkerUsageError
+from ..errors import TeacherCacheError, UnusableRowsError, UsageError
 from .common import (
     MISSING_REASON,
     DataInfo,
     DataTransforms,
-    TeacherCacheError,
     TeacherJoin,
     collate,
     make_sample,
@@ -151,10 +150,6 @@ class CsvDataset(Dataset):
         hint = "; check --data-root" if {"missing_image", "corrupt_image"} & set(skipped) else ""
         raise UnusableRowsError(f"{_MAX_SUBSTITUTES} rows in a row from row {idx} ({self.images[idx]}) could not be "
                                 f"used ({counts}){hint}")
-
-
-class UnusableRowsError(WorkerUsageError):
-    """So many bad rows in a row that the data (or --data-root) is wrong, not a few samples: one line, exit 2."""
 
 
 class GlobalBatchSampler(Sampler):

@@ -9,6 +9,7 @@ A term is registered once in `registry.py` (what it needs, its parameters, its f
 `mfd`/`feat` (masked ViT forward, intermediate tokens) is tower surgery: `training.models.towers`.
 """
 
+from ..errors import DistillSpecError
 from . import features, registry, terms
 from .features import resolve_feat_pairs
 from .loss import DistillLoss, build_distill_loss, create_distill_loss
@@ -17,7 +18,6 @@ from .spec import (
     PRESETS,
     TERMS,
     VALID_TERMS,
-    DistillSpecError,
     FeatPair,
     ResolvedSpec,
     WeightSchedule,

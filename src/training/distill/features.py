@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import torch.nn as nn
 
+from ..errors import DistillSpecError
 from ..models.towers import layer_index, tower_widths
-from .spec import DistillSpecError, FeatPair, SpecError, parse_feat_layers
+from .spec import FeatPair, SpecError, parse_feat_layers
 
 TOWERS = ("image", "text")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..models.towers import DistillSpecError
+from ..errors import DistillSpecError
 from .registry import REGISTRY, needs
 
 TERMS: dict[str, str] = {name: term.description for name, term in REGISTRY.items()}  # in registration order

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ..errors import UsageError
+from ..errors import DatasetError
 from . import templates as T
 
 IMG_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -57,10 +57,6 @@ ALIASES = {
     "mscoco": "coco", "mscoco-captions": "coco", "coco-5k": "coco", "flickr": "flickr30k", "flickr-1k": "flickr30k",
     "imagefolder": "folder", "webdataset": "wds",
 }
-
-
-class DatasetError(UsageError):
-    """A dataset path or file that cannot be used (a one-line usage error)."""
 
 
 def canonical_kind(name: str) -> str | None:

@@ -12,11 +12,10 @@ import os
 import torch
 
 from ..config import DataConfig, EvalConfig, RuntimeConfig
-from ..errors import UsageError
+from ..errors import DatasetError, UsageError
 from .datasets import (
     CLASSIFICATION_KINDS,
     ClassificationSet,
-    DatasetError,
     DatasetSpec,
     RetrievalSet,
     detect,

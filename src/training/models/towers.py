@@ -28,16 +28,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import TextTransformer, VisionTransformer
 
-from ..errors import UsageError
-
-
-class DistillSpecError(UsageError):
-    """A distillation request this run cannot honour, as one line: a tower that cannot give what a term needs (raised
-    here), or a bad spec or option (`distill.spec` raises a subclass that lists the valid terms). Defined below both
-    the models and the loss so the tower surgery raises it without importing `distill`."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # always one line
+from ..errors import DistillSpecError
 
 
 def unwrap(model: nn.Module) -> nn.Module:

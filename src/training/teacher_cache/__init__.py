@@ -26,6 +26,7 @@ the stored crop so the student sees exactly the view the teacher embedded, and `
 frozen teacher in `train.teacher_outputs`.
 """
 
+from ..errors import TeacherCacheError
 from .format import (
     CONFIG,
     FORMAT,
@@ -34,7 +35,6 @@ from .format import (
     SHARD_DIR,
     STORAGE_DTYPES,
     SampleNotCached,
-    TeacherCacheError,
     decode,
     encode,
     file_sha256,

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.common import MISSING_REASON, SampleNotCached, TeacherCacheError
-from ..errors import UsageError
+from ..data.common import MISSING_REASON, SampleNotCached
+from ..errors import TeacherCacheError, UsageError
 from ..fileio import read_json, write_bytes
 
 __all__ = ["CONFIG", "FORMAT", "MANIFEST", "MISSING_REASON", "NORM_TOL", "SHARD_DIR", "STORAGE_DTYPES",

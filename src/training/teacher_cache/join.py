@@ -9,7 +9,8 @@ import os
 from ..config import DataConfig, TeacherConfig, comma_list
 from ..data import dataset_type
 from ..data.wds import expand_sources, shard_stem
-from .format import TeacherCacheError, file_sha256, load_manifest
+from ..errors import TeacherCacheError
+from .format import file_sha256, load_manifest
 from .reader import CachedTeacher, TeacherCache
 from .verify import verify_shards_distributed
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..data.transforms import ViewParams
-from ..errors import UsageError
-from .format import SHARD_DIR, SampleNotCached, TeacherCacheError, decode, hash64, load_manifest, read_key_hashes
+from ..errors import TeacherCacheError, UsageError
+from .format import SHARD_DIR, SampleNotCached, decode, hash64, load_manifest, read_key_hashes
 
 
 class TeacherCache:

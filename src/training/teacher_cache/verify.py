@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..errors import TeacherCacheError
 from .format import (
     NORM_TOL,
     SHARD_DIR,
-    TeacherCacheError,
     expected_shapes,
     file_sha256,
     hash64,

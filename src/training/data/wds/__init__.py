@@ -61,7 +61,8 @@ Evaluation (`is_train=False`, `data.val_data`)
     `num_batches` from `--val-num-samples` or sizes.json.
 """
 
-from .dataset import NoDataError, WdsDataset, WdsLoader, get_wds_dataset
+from ...errors import NoDataError
+from .dataset import WdsDataset, WdsLoader, get_wds_dataset
 from .resume import STATE_FORMAT
 from .tar import IMAGE_EXTS, SKIP_REASONS, TarReader, decode_caption
 from .urls import check_url_support, dataset_size, expand_sources, make_key, shard_stem, source_names, url_scheme

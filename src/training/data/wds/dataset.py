@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.config import DataConfig
-from training.data.common import DataInfo, DataTransforms, TeacherCacheError, collate, make_sample, sample_rng
-from training.errors import UsageError, WorkerUsageError
+from training.data.common import DataInfo, DataTransforms, collate, make_sample, sample_rng
 
+from ...errors import NoDataError, TeacherCacheError, UsageError
 from .resume import resume_positions, select_state, stream_state
 from .tar import TarReader
 from .urls import (
@@ -40,11 +40,6 @@ DEFAULT_SHUFFLE_BUFFER = 5000  # open_clip's _SAMPLE_SHUFFLE_SIZE
 DEFAULT_SHUFFLE_INITIAL = 1000  # open_clip's _SAMPLE_SHUFFLE_INITIAL
 _POS = "__wds_pos__"  # per-batch (role, samples taken from the stream, batch index); popped by WdsLoader
 _SHARD_SKIPS = "__wds_skipped_by_shard__"  # per-batch {"<reason>:<shard url>": n}; popped by WdsLoader
-
-
-class NoDataError(WorkerUsageError):
-    """A reader's shards hold no usable sample, so it cannot produce its share of batches (one line, exit 2, also
-    when raised in a DataLoader worker and re-raised by torch)."""
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
