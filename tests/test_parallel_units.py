@@ -10,10 +10,10 @@ from helpers import write_image_csv
 from training import distributed
 from training.accumulation import concat, group_micro_batches
 from training.data import DataInfo
-from training.main import build
 from training.models import create_clip
-from training.params import UsageError, parse_args, parse_config
+from training.params import UsageError, parse_config
 from training.train import accumulated_step, distill_losses, model_inputs, student_forward, teacher_outputs
+from training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +54,12 @@ def _grads(trainer) -> dict:
 
 def test_gradcache_replays_the_patch_masks_of_the_cached_pass(world):
     # mfd masks a random half of the student's patches: the graph pass must draw the masks of the cached pass
-    run = build(parse_args(_argv(world, "--accum-freq", "2", "--distill", "task=1,fd=2000,mfd=2000")),
-                distributed.init_distributed("cpu"))
-    trainer = run.trainer
+    trainer = Trainer(parse_config(_argv(world, "--accum-freq", "2", "--distill", "task=1,fd=2000,mfd=2000")),
+                      distributed.init_distributed("cpu"))
     assert trainer.model.mask_ratio > 0
     trainer.model.train()
-    run.data.set_epoch(0)
-    micro_batches = next(iter(run.data.dataloader))
+    trainer.data.set_epoch(0)
+    micro_batches = next(iter(trainer.data.dataloader))
     assert len(micro_batches) == 2
     trainer.engine.step = lambda: None  # keep the weights: compare gradients
 

@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from .errors import UsageError
+
 
 class _CurrentStdout(logging.StreamHandler):
     """Writes to whatever sys.stdout is at the time of each record, not the stream it was created with (a caller that
