@@ -26,7 +26,7 @@ class WorkerUsageError(UsageError):
         super().__init__(message)
 
 
-# ---- the domain errors: each a UsageError, so every entry point prints it as one line, exit 2 -------------------------
+# ---- the domain errors: each a UsageError, so every entry point prints it as one line, exit 2 ---------------------
 class DistillSpecError(UsageError):
     """A distillation request this run cannot honour: a bad spec or option (`distill.spec` adds the valid terms),
     or a tower that cannot give what a term needs."""

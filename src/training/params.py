@@ -124,7 +124,7 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
 def add_csv_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('CSV tables', 'how CSV rows name their image and caption')
     g.add_argument("--data-root", default=None,
-                   help="root joined to relative image paths; a comma list matching the CSV list")
+                   help="root joined to relative CSV image paths (training: a comma list matching the CSV list)")
     g.add_argument("--csv-img-key", default="filepath")
     g.add_argument("--csv-caption-key", default="title")
     g.add_argument("--csv-separator", default="\t")
@@ -225,7 +225,7 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zeroshot-data", default=None,
                    help="image-folder zero-shot set with classnames.txt (and optional templates.txt)")
     g.add_argument("--eval-datasets", default=None,
-                   help="more sets evaluated in training, NAME=PATH comma list as in `python -m training.evaluate "
+                   help="more sets evaluated in training, NAME=PATH comma list as in `python -m training.eval "
                         "--datasets`: zero-shot for classification sets, retrieval for caption sets")
     g.add_argument("--eval-frequency", type=int, default=1, help="--eval-datasets every N epochs (0: never)")
 

@@ -17,7 +17,7 @@ from .models.towers import mask_keys
 
 def teacher_outputs(trainer, batch: dict, image: torch.Tensor, text: torch.Tensor) -> dict:
     """Teacher embeddings for the batch: from the live frozen teacher, or from the teacher cache (--teacher-cache)."""
-    if "teacher_image_emb" in batch:  # joined from the cache by make_sample (training/teacher_cache.py)
+    if "teacher_image_emb" in batch:  # joined from the cache by make_sample (training/teacher_cache/join.py)
         return trainer.teacher.outputs_from_batch(batch, trainer.env.device)
     device, dtype = trainer.env.device, trainer.precision.batch_dtype
     t_image = batch["teacher_image"].to(device, dtype=dtype, non_blocking=True) if "teacher_image" in batch else image
@@ -42,7 +42,7 @@ def student_forward(trainer, image: torch.Tensor, text: torch.Tensor, micro_batc
     """The student's forward. Patch masks (mfd) are drawn from (seed, step, position in the global batch), so each
     sample of the global batch gets its own mask whatever the number of processes or micro-batches."""
     keys = None
-    if trainer.engine.student_model.mask_ratio > 0:
+    if trainer.engine.unwrapped.mask_ratio > 0:
         b, world = image.shape[0], trainer.env.world_size
         first = micro_batch * b * world + trainer.env.rank * b
         keys = mask_keys(trainer.config.seed, trainer.step, torch.arange(first, first + b, device=image.device))

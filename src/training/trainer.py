@@ -10,6 +10,7 @@ its own cadence: the checkpoint manager when to save, the evaluator what is due 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -21,9 +22,10 @@ import torch
 from . import distributed, parallel
 from .accumulation import group_micro_batches
 from .checkpoint import CheckpointManager
-from .config import Config
+from .config import Config, DistillConfig
 from .data import DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
+from .distill import create_distill_loss, resolve_spec
 from .errors import TeacherCacheError, UsageError
 from .eval.hook import TrainingEvaluator
 from .logger import MetricLogger
@@ -82,9 +84,38 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
         val_views=PairedViews(student.image_format, teacher_fmt, train=False), teacher_cache=cache)
 
 
+def open_teacher(config: Config, device: torch.device):
+    """(teacher, its bundle, the cache): the live frozen teacher, or with --teacher-cache the stand-in that reads
+    cached embeddings (no teacher is built or run; the bundle is then None)."""
+    if not config.teacher.teacher_cache:
+        teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision)
+        return teacher, bundle, None
+    from .teacher_cache import open_for_training
+
+    distill = config.distill
+    if resolve_spec(distill.distill, distill.recipe, distill.overrides).needs("teacher_internals"):
+        raise TeacherCacheError("the feat term needs the teacher's intermediate tokens, which a teacher-embedding "
+                                "cache does not store: drop feat from --distill or train without --teacher-cache")
+    cache, teacher = open_for_training(config.teacher, config.data, shard_teacher=config.parallel.fsdp_shard_teacher)
+    return teacher, None, cache
+
+
+def student_forward_module(student, loss_fn, teacher, distill: DistillConfig, device: torch.device) -> StudentModel:
+    """The student's forward as the loss needs it: masked patches (mfd), the chosen layers' tokens (feat; the
+    teacher is told its layers too)."""
+    forward = StudentModel(student).to(device)
+    forward.mask_ratio = float(loss_fn.mask_ratio or 0.0)
+    if forward.mask_ratio > 0:
+        check_masking_supported(student.visual)  # mfd: ViT students only, clear error otherwise
+    if loss_fn.needs_intermediates:  # feat: both models return the chosen layers' tokens from their one forward
+        layers = loss_fn.feat_layers_for("student")
+        forward.image_layers, forward.text_layers = layers.get("image"), layers.get("text")
+        teacher.set_intermediate_layers(loss_fn.feat_layers_for("teacher"), member=distill.kd_teacher_member or 0)
+    return forward
+
+
 class Trainer:
     def __init__(self, config: Config, env: distributed.DistEnv):
-        from .distill import create_distill_loss, resolve_spec
         self.config, self.env = config, env
         # a bad eval path fails now, not after the first epoch
         self.evaluator = TrainingEvaluator(config.eval, config.data, config.runtime, config.optim.epochs)
@@ -97,19 +128,7 @@ class Trainer:
                                              self.precision.low_precision_weights and engine_name in
                                              ("ddp", "horovod") else None)
         self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
-        cache, teacher_bundle = None, None
-        if config.teacher.teacher_cache:  # cached teacher embeddings: no teacher is built or run
-            from .teacher_cache import open_for_training
-
-            if resolve_spec(config.distill.distill, config.distill.recipe, config.distill.overrides).needs(
-                    "teacher_internals"):
-                raise TeacherCacheError("the feat term needs the teacher's intermediate tokens, which a teacher-"
-                                        "embedding cache does not store: drop feat from --distill or train without "
-                                        "--teacher-cache")
-            cache, self.teacher = open_for_training(config.teacher, config.data,
-                                                    shard_teacher=config.parallel.fsdp_shard_teacher)
-        else:
-            self.teacher, teacher_bundle = create_teacher(config.teacher, env.device, config.runtime.precision)
+        self.teacher, teacher_bundle, cache = open_teacher(config, env.device)
         teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
         members = list(self.teacher.members) if isinstance(self.teacher, Teacher) else None  # feat: live towers
         self.loss_fn = create_distill_loss(config.distill, embed_dim(self.student), teacher_dims, seed=config.seed,
@@ -119,15 +138,7 @@ class Trainer:
         self.loss_fn.sync_()
         logging.info("distillation: %s", self.loss_fn.describe())
 
-        forward = StudentModel(self.student).to(env.device)
-        forward.mask_ratio = float(self.loss_fn.mask_ratio or 0.0)
-        if forward.mask_ratio > 0:
-            check_masking_supported(self.student.visual)  # mfd: ViT students only, clear error otherwise
-        if self.loss_fn.needs_intermediates:  # feat: both models return the chosen layers' tokens from one forward
-            layers = self.loss_fn.feat_layers_for("student")
-            forward.image_layers, forward.text_layers = layers.get("image"), layers.get("text")
-            self.teacher.set_intermediate_layers(self.loss_fn.feat_layers_for("teacher"),
-                                                 member=config.distill.kd_teacher_member or 0)
+        forward = student_forward_module(self.student, self.loss_fn, self.teacher, config.distill, env.device)
         self.scaler = make_grad_scaler(self.precision, sharded=engine_name == "fsdp")
         optim = config.optim
         self.engine = parallel.create_engine(  # DDP, FSDP2, DeepSpeed or Horovod; the optimizer is built after wrapping
@@ -146,14 +157,14 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, optim.lr, optim.warmup, self.data.num_batches * optim.epochs,
                                    optim.lr_scheduler)
         run_dir, report_to = config.logging.run_dir, config.logging.report_to
-        self.metrics = MetricLogger(f"{run_dir}/tensorboard" if run_dir and "tensorboard" in report_to else None,
-                                    enabled=env.is_master)
+        tensorboard = os.path.join(run_dir, "tensorboard") if run_dir and "tensorboard" in report_to else None
+        self.metrics = MetricLogger(tensorboard, enabled=env.is_master)
         self.state = TrainState(is_master=env.is_master)
         self.checkpointer = CheckpointManager(
-            config.checkpoint, f"{run_dir}/checkpoints" if run_dir else None, env, engine=self.engine,
+            config.checkpoint, os.path.join(run_dir, "checkpoints") if run_dir else None, env, engine=self.engine,
             loss=self.loss_fn, scaler=self.scaler, train=self.state, data=self.data, record=config.flat(),
             num_batches=self.data.num_batches, epochs=optim.epochs)
-        self.stop = StopRequest(f"{run_dir}/{STOP_FILE}" if run_dir else None, env.device, env.is_master)
+        self.stop = StopRequest(os.path.join(run_dir, STOP_FILE) if run_dir else None, env.device, env.is_master)
         # Identical weights everywhere are built; from here on each rank draws its own randomness (dropout,
         # drop-path), as open_clip does. Patch masks and augmentation have their own seeds (process-count free).
         seed_everything(config.seed + env.rank)

@@ -37,6 +37,7 @@ def check_resume(saved: dict, current: dict, world_size: int, num_batches: int) 
     `saved` is the checkpoint: its `args` (the flat {flag dest: value} record of its config) and `world_size`
     describe the run that wrote it; `current` is this run's record (`Config.flat()`)."""
     old = saved.get("args") or {}
+    batch, accum, train_data = current["batch_size"], current["accum_freq"], current["train_data"]
     if not old:
         return ["the checkpoint records no flags: cannot check that this run continues it"]
     notes: list[str] = []
@@ -44,23 +45,23 @@ def check_resume(saved: dict, current: dict, world_size: int, num_batches: int) 
     old_accum = old.get("accum_freq", 1)
     if old_world is not None:
         before = global_batch(old["batch_size"], old_world, old_accum)
-        now = global_batch(current['batch_size'], world_size, current['accum_freq'])
+        now = global_batch(batch, world_size, accum)
         if before != now:
             raise UsageError(f"cannot resume: the checkpoint's global batch is {before} ({old_world} processes x "
                              f"--batch-size {old['batch_size']} x --accum-freq {old_accum}), this run's is {now} "
-                             f"({world_size} x {current['batch_size']} x {current['accum_freq']}); the data position and the LR "
-                             "schedule would shift. Keep the global batch, or start a new run from the weights with "
-                             "--pretrained CHECKPOINT")
+                             f"({world_size} x {batch} x {accum}); the data position and the LR schedule would "
+                             "shift. Keep the global batch, or start a new run from the weights with --pretrained "
+                             "CHECKPOINT")
         if old_world != world_size:
             notes.append(f"resuming on {world_size} processes instead of {old_world} at the same global batch: data "
                          "order and patch masks are unchanged, the per-rank random streams (dropout) restart from "
                          "the seed")
-        elif old_accum != current['accum_freq']:
-            notes.append(f"--accum-freq {current['accum_freq']} instead of {old_accum} at the same global batch")
-    if "train_data" in old and _file_names(old["train_data"]) != _file_names(current['train_data']):
+        elif old_accum != accum:
+            notes.append(f"--accum-freq {accum} instead of {old_accum} at the same global batch")
+    if "train_data" in old and _file_names(old["train_data"]) != _file_names(train_data):
         raise UsageError(f"cannot resume: --train-data was {old['train_data']!r} in the checkpoint and is "
-                         f"{current['train_data']!r} now; the data position would no longer match. Resume with the same "
-                         "data, or start a new run with --pretrained CHECKPOINT")
+                         f"{train_data!r} now; the data position would no longer match. Resume with the "
+                         "same data, or start a new run with --pretrained CHECKPOINT")
     for key, (flag, why) in _FIXED_ON_RESUME.items():
         if key in old and old[key] != current.get(key):
             raise UsageError(f"cannot resume: {flag} was {old[key]!r} in the checkpoint and is "

@@ -26,7 +26,7 @@ def dataset_type(data: DataConfig) -> str:
 
 def get_data(data: DataConfig, transforms: DataTransforms, *, seed: int, epoch: int = 0,
              image_size: int = 224) -> dict[str, DataInfo]:
-    """{"train": DataInfo} for the configured source (evaluation data is read by training.evaluate)."""
+    """{"train": DataInfo} for the configured source (evaluation sets are read by training.eval)."""
     kind = dataset_type(data)
     if kind == "synthetic":
         from .synthetic import get_synthetic_dataset

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
-from ..errors import TeacherCacheError, UnusableRowsError, UsageError
+from ..errors import TeacherCacheError, UnusableRowsError, UsageError, usage_error
 from .common import (
     MISSING_REASON,
     DataInfo,
@@ -52,7 +52,7 @@ def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, capt
             df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, quoting=3, engine="python"
                              if len(sep) > 1 else "c")
         except Exception as exc:  # pandas raises many types for malformed files
-            raise UsageError(f"cannot parse CSV {path}: {exc}".splitlines()[0]) from exc
+            raise usage_error(f"cannot parse CSV {path}", exc) from exc
         for key in (img_key, caption_key):
             if key not in df.columns:
                 raise UsageError(f"{path} has no column '{key}' (columns: {', '.join(map(str, df.columns))}); "

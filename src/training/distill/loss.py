@@ -11,7 +11,8 @@ gradients after DDP's gradient averaging equal the 1-process result, for every t
 - `gd` is not separable over rows (its key gradients sum over all anchors), so it always uses the global rows.
 - `feat` (intermediate tokens, never gathered) is computed on the local rows; in global mode its value is replaced
   by the mean over ranks (gradient unchanged, which is exactly N × dL/ds_r again).
-Loss-side parameter gradients are exact per rank in every mode; the trainer averages them (`average_gradients_`).
+Loss-side parameter gradients are exact per rank in every mode; training's engine averages them (`Engine.update`),
+library users call `average_gradients_`.
 """
 
 from __future__ import annotations

@@ -6,21 +6,15 @@ Name resolution and weight loading are `training.models`' (one implementation fo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import os
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from ..errors import UsageError, usage_error
-from ..models import load_weights, resolve_model_name
-
-
-def is_local_path(pretrained: str | None) -> bool:
-    return bool(pretrained) and (os.path.sep in pretrained or os.path.exists(pretrained)
-                                 or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz")))
+from ..models import create_clip
+from ..models.weights import is_local_path
 
 
 def model_id(arch: str, pretrained: str | None) -> str:
@@ -33,36 +27,9 @@ def model_id(arch: str, pretrained: str | None) -> str:
     return f"{arch}-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 
 
-@contextlib.contextmanager
-def _quiet_random_init_warning():
-    """open_clip warns "No pretrained weights loaded" when we build the model before loading a local file."""
-    class _Drop(logging.Filter):
-        def filter(self, record):
-            return not str(record.getMessage()).startswith("No pretrained weights loaded")
-
-    drop, root = _Drop(), logging.getLogger()
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
 def load_model(arch: str, pretrained: str | None, device: torch.device):
-    """(model in eval mode on device, preprocess_val, tokenizer, open_clip name)."""
-    name = resolve_model_name(arch)
-    local = is_local_path(pretrained)
-    if local and not os.path.isfile(pretrained):
-        raise UsageError(f"checkpoint not found: {pretrained}")
-    try:
-        with _quiet_random_init_warning() if local else contextlib.nullcontext():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=None if local else (pretrained or None), device="cpu")
-    except UsageError:
-        raise
-    except Exception as exc:
-        raise usage_error(f"cannot create '{name}' with pretrained '{pretrained}'", exc) from exc
-    if local:
-        load_weights(model, pretrained)
-    model = model.to(device).eval()
-    return model, preprocess, open_clip.get_tokenizer(name), name
+    """(model in eval mode on device, preprocess_val, tokenizer, open_clip name): built as training builds models
+    (`models.create_clip`), with open_clip's validation transform for the model's preprocessing config."""
+    model = create_clip(arch, pretrained, torch.device("cpu"))
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    return model.to(device).eval(), preprocess, open_clip.get_tokenizer(model.arch_name), model.arch_name

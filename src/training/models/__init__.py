@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -25,7 +26,7 @@ from .locking import lock_towers
 from .student import StudentModel
 from .teacher import Teacher
 from .towers import embed_dim
-from .weights import load_weights, read_state_dict
+from .weights import is_local_path, load_weights, quiet_random_init_warning, read_state_dict
 
 __all__ = ["ModelBundle", "StudentModel", "Teacher", "check_model_config", "create_clip", "create_student",
            "create_teacher", "embed_dim", "load_weights", "lock_towers", "read_state_dict", "resolve_model_name"]
@@ -81,10 +82,13 @@ def resolve_model_name(name: str) -> str:
 def create_clip(name: str, pretrained: str | None, device: torch.device, **kwargs) -> nn.Module:
     """An open_clip model; `pretrained` is a local file or an open_clip pretrained tag (downloaded by open_clip)."""
     arch = resolve_model_name(name)
-    local = bool(pretrained) and (os.path.sep in pretrained or os.path.exists(pretrained))
+    local = is_local_path(pretrained)
+    if local and not os.path.isfile(pretrained):
+        raise UsageError(f"checkpoint not found: {pretrained}")
     try:
-        model = open_clip.create_model(arch, pretrained=None if local else (pretrained or None), device="cpu",
-                                       **kwargs)
+        with quiet_random_init_warning() if local else contextlib.nullcontext():
+            model = open_clip.create_model(arch, pretrained=None if local else (pretrained or None), device="cpu",
+                                           **kwargs)
     except UsageError:
         raise
     except Exception as exc:

@@ -5,12 +5,35 @@ Loading is always weights_only, so untrusted files cannot run code.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch
 from torch import nn
 
 from ..errors import UsageError, usage_error
+
+
+def is_local_path(pretrained: str | None) -> bool:
+    """A weights file (to load ourselves, weights_only) rather than an open_clip pretrained tag."""
+    return bool(pretrained) and (os.path.sep in pretrained or os.path.exists(pretrained)
+                                 or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz")))
+
+
+@contextlib.contextmanager
+def quiet_random_init_warning():
+    """open_clip warns "No pretrained weights loaded" when we build a model before loading a local file."""
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.getMessage()).startswith("No pretrained weights loaded")
+
+    drop, root = _Drop(), logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -78,7 +78,7 @@ class Engine:
         self.env, self.loss_fn, self.scaler, self.precision = env, loss_fn, scaler, precision
         self.batch_size, self.accum_freq, self.grad_clip_norm = batch_size, accum_freq, grad_clip_norm
         self.torchcompile = torchcompile
-        self.student_model = model  # the StudentModel (unwrapped)
+        self.unwrapped = model  # the StudentModel (unwrapped)
         self.student = model.clip  # the bare open_clip model (what checkpoints and exports hold)
         self.model = self._wrap(model)
         self.groups = make_groups()  # canonical parameter groups: param_groups(student, loss_fn) after wrapping

@@ -75,7 +75,7 @@ class DeepSpeedEngine(SideOptimizerEngine):
                                        world_size=self.env.world_size)
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # one process without a launcher
         with _broadcast_scalars_ourselves():
-            engine, ds_optimizer, _, _ = deepspeed.initialize(model=self.student_model, optimizer=optimizer,
+            engine, ds_optimizer, _, _ = deepspeed.initialize(model=self.unwrapped, optimizer=optimizer,
                                                               config=self.config, dist_init_required=False)
         self.model, self.ds_optimizer, self.base_optimizer = engine, ds_optimizer, optimizer
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))

@@ -93,14 +93,14 @@ class FSDPEngine(Engine):
     def model_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(self.student_model,
+        state = get_model_state_dict(self.unwrapped,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k[len("clip."):]: v for k, v in state.items()}
 
     def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        set_model_state_dict(self.student_model, {f"clip.{k}": v for k, v in state.items()},
+        set_model_state_dict(self.unwrapped, {f"clip.{k}": v for k, v in state.items()},
                              options=StateDictOptions(full_state_dict=True))
 
     def _fqns(self) -> list[str]:

@@ -47,7 +47,7 @@ class HorovodEngine(SideOptimizerEngine):
         return model
 
     def _student_optimizer(self, optimizer):
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=self.student_model.named_parameters(),
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=self.unwrapped.named_parameters(),
                                              backward_passes_per_step=self.accum_freq)
 
     def zero_grad(self) -> None:

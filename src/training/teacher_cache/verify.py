@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from ..errors import TeacherCacheError
+from ..errors import TeacherCacheError, first_line
 from .format import (
     NORM_TOL,
     SHARD_DIR,
@@ -41,7 +41,7 @@ def check_shard(cache_dir: str, manifest: dict, record: dict, checksum: bool = T
     try:
         tensors, meta = read_shard(path)
     except Exception as exc:  # noqa: BLE001 - a damaged header raises library-specific errors
-        return [f"shard {name}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"]
+        return [f"shard {name}: unreadable ({first_line(exc)})"]
     n = int(record["samples"])
     problems = []
     for key, (shape, dtype) in expected_shapes(manifest, n).items():
