@@ -174,6 +174,10 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
     @property
     def epoch(self) -> int:
         return self.state.epoch
