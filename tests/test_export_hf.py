@@ -191,3 +191,18 @@ def test_bad_input_is_a_one_line_error(run, tmp_path, capsys):
     assert not out.exists()  # nothing written before the inputs are checked
     _one_line_error([run["ckpt"], str(garbage), "--hf"], capsys, "is not a folder")
     _one_line_error([run["ckpt"], str(tmp_path / "s.pt"), "--eval-dir", str(run["eval"])], capsys, "needs --hf")
+
+
+def test_bare_weights_export_with_model_and_an_honest_card(run, tmp_path, capsys):
+    bare = str(tmp_path / "student.safetensors")
+    assert export_main([run["ckpt"], bare]) == 0  # the plain export: weights only, no recorded run
+    out = tmp_path / "bare"
+    _one_line_error([bare, str(out), "--hf"], capsys, "does not record its architecture: pass --model")
+    assert export_main([bare, str(out), "--hf", "--model", "tiny-student"]) == 0
+    card = (out / "README.md").read_text()
+    for what in ("Teacher", "Training data", "Loss", "Student initialisation"):
+        assert f"**{what}:** not recorded" in card
+    model = open_clip.create_model("local-dir:" + str(out))
+    student = _student(run["ckpt"])
+    exported, trained = model.state_dict(), student.state_dict()
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)

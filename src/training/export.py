@@ -174,7 +174,9 @@ def _results_section(evaluation: dict) -> list[str]:
 
 
 def _teacher_line(args: dict) -> str:
-    teacher = args.get("teacher")
+    if "teacher" not in args:
+        return "- **Teacher:** not recorded"
+    teacher = args["teacher"]
     if not teacher:
         return "- **Teacher:** none"
     line = f"- **Teacher:** `{teacher}`"
@@ -200,7 +202,7 @@ def model_card(name: str, arch: str, model_cfg: dict, args: dict, parameters_m: 
                                               f"patch {vision.get('patch_size')}")
     text_tower = text.get("hf_model_name") or (f"transformer, {text.get('layers')} layers, "
                                                f"width {text.get('width')}")
-    what = f"distilled from `{teacher}`" if teacher else "trained without a teacher"
+    what = (f"distilled from `{teacher}`" if teacher else "trained without a teacher") if args else "exported"
     lines = [*meta, f"# {name}", "",
              f"A CLIP student ({arch}) {what} with clip-kd on open_clip.", "",
              "## Model details", "",
@@ -210,7 +212,7 @@ def model_card(name: str, arch: str, model_cfg: dict, args: dict, parameters_m: 
              f"`model_cfg` in `{HF_CONFIG_NAME}`.",
              _teacher_line(args),
              f"- **Student initialisation:** `{args['pretrained']}`" if args.get("pretrained")
-             else "- **Student initialisation:** random",
+             else f"- **Student initialisation:** {'random' if args else 'not recorded'}",
              f"- **Training data:** `{data}`" if data else "- **Training data:** not recorded",
              f"- **Loss:** {_loss_spec(args)}" if args else "- **Loss:** not recorded"]
     if args:
