@@ -188,6 +188,12 @@ def test_bad_input_is_a_one_line_error(run, tmp_path, capsys):
     (tmp_path / "empty-eval").mkdir()
     _one_line_error([run["ckpt"], str(out), "--hf", "--eval-dir", str(tmp_path / "empty-eval")], capsys,
                     "has no summary.json")
+    (tmp_path / "empty-eval" / "summary.json").write_text('{"student": [1, 2]}')
+    _one_line_error([run["ckpt"], str(out), "--hf", "--eval-dir", str(tmp_path / "empty-eval")], capsys,
+                    "is not a training.eval summary")
+    (tmp_path / "empty-eval" / "summary.json").write_text("{not json")
+    _one_line_error([run["ckpt"], str(out), "--hf", "--eval-dir", str(tmp_path / "empty-eval")], capsys,
+                    "cannot read")
     assert not out.exists()  # nothing written before the inputs are checked
     _one_line_error([run["ckpt"], str(garbage), "--hf"], capsys, "is not a folder")
     _one_line_error([run["ckpt"], str(tmp_path / "s.pt"), "--eval-dir", str(run["eval"])], capsys, "needs --hf")

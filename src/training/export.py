@@ -79,8 +79,11 @@ def read_eval_dir(eval_dir: str) -> dict:
         summary = read_json(summary_path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise usage_error(f"cannot read {summary_path}", exc) from exc
-    if not isinstance(summary, dict) or not isinstance(summary.get("student", {}).get("metrics"), dict):
-        raise UsageError(f"{summary_path} has no student metrics")
+    student = summary.get("student") if isinstance(summary, dict) else None
+    teacher = summary.get("teacher") if isinstance(summary, dict) else None
+    if not isinstance(student, dict) or not isinstance(student.get("metrics"), dict) or not (
+            teacher is None or isinstance(teacher, dict) and isinstance(teacher.get("metrics"), dict)):
+        raise UsageError(f"{summary_path} is not a training.eval summary (no student/teacher metrics)")
     out = {"summary": summary, "retention_md": None, "chart": None}
     md = os.path.join(eval_dir, "retention.md")
     if os.path.isfile(md):
