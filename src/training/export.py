@@ -250,7 +250,8 @@ def export_hf(checkpoint: str, out_dir: str, model: str | None = None, eval_dir:
     if not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint not found: {checkpoint}")
     args = recorded_args(checkpoint)
-    arch = export_student(checkpoint, os.path.join(out_dir, HF_WEIGHTS_NAME), model)
+    with quiet_random_init_warning():  # the model is built empty, then the checkpoint is loaded into it
+        arch = export_student(checkpoint, os.path.join(out_dir, HF_WEIGHTS_NAME), model)
     model_cfg = hf_model_cfg(arch, args)
     write_json(os.path.join(out_dir, HF_CONFIG_NAME),
                {"model_cfg": model_cfg, "preprocess_cfg": hf_preprocess_cfg(arch, args.get("pretrained"))}, indent=2)
