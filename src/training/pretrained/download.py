@@ -82,6 +82,8 @@ def _locked(path: str):
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             yield
+            if os.path.isfile(path):  # safe to drop: whoever still waits on it finds the file once it gets the lock
+                os.remove(path + ".lock")
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
@@ -125,10 +127,10 @@ def _describe(exc: Exception, url: str, timeout: float) -> str:
         exc = exc.reason
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
         return f"timed out: no data from {url} for {timeout:g}s"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # before its base class ConnectTimeoutError
+        return f"cannot connect to {url}: {' '.join(str(exc).split(': ')[-1].split())}"
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         return f"timed out connecting to {url} ({timeout:g}s)"
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):
-        return f"cannot connect to {url}"
     if isinstance(exc, urllib3.exceptions.ProtocolError):
         return f"the connection was cut: {' '.join(str(exc).split())}"
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -160,7 +162,8 @@ def http_download(url: str, final: str, ckpt: Checkpoint, *, timeout: float = 60
         got_bytes, total = have, None
         try:
             resp = http.request("GET", url, headers={"Range": f"bytes={have}-"} if have else {},
-                                preload_content=False, redirect=True)
+                                preload_content=False, redirect=True,
+                                enforce_content_length=False)  # keep a cut body's bytes; the size is checked below
         except urllib3.exceptions.HTTPError as exc:
             last_error = _describe(exc, url, timeout)
             continue
@@ -192,7 +195,7 @@ def http_download(url: str, final: str, ckpt: Checkpoint, *, timeout: float = 60
             with open(part, mode) as out, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                                unit_divisor=1024, desc=ckpt.file_name, disable=not progress,
                                                leave=False) as bar:
-                for chunk in resp.stream(CHUNK):
+                for chunk in resp.stream(CHUNK, decode_content=False):
                     out.write(chunk)
                     got_bytes += len(chunk)
                     bar.update(len(chunk))
