@@ -34,6 +34,7 @@ class FileServer:
 
     def __init__(self):
         self.files, self.cut, self.cut_times, self.stall, self.no_range = {}, {}, {}, {}, set()
+        self.redirects = {}  # path -> Location (as GitHub redirects release downloads)
         self.requests = []  # (path, Range header or None)
         server = self
 
@@ -47,6 +48,12 @@ class FileServer:
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
                 time.sleep(server.stall.get(self.path, 0))
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_response(404)
@@ -171,6 +178,34 @@ def test_a_complete_part_answered_416_is_finished_and_a_server_ignoring_range_re
     assert open(download("test-b", str(out)), "rb").read() == data
     assert _files(out) == ["a.bin", "b.bin"]
     assert ("/b.bin", "bytes=1000-") in server.requests
+
+
+def test_redirects_are_followed_and_keep_the_range(server, env, tmp_path):
+    data = _blob(seed=6)
+    server.files["/objects/blob.bin"] = data
+    server.redirects["/releases/blob.bin"] = server.base + "/objects/blob.bin"
+    server.cut["/objects/blob.bin"], server.cut_times["/objects/blob.bin"] = 5000, 1
+    env(f"test-redirected,tiny-teacher,{server.base}/releases/blob.bin,{_sha(data)},teacher,,,,,")
+    assert open(download("test-redirected", str(tmp_path), retry_wait=0), "rb").read() == data
+    assert server.requests == [("/releases/blob.bin", None), ("/objects/blob.bin", None),
+                               ("/releases/blob.bin", "bytes=5000-"), ("/objects/blob.bin", "bytes=5000-")]
+
+
+def test_concurrent_callers_share_one_download(server, env, tmp_path):
+    data = _blob(seed=7)
+    server.files["/shared.bin"] = data
+    server.stall["/shared.bin"] = 0.3
+    env(f"test-shared,tiny-teacher,{server.base}/shared.bin,{_sha(data)},teacher,,,,,")
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(resolve("test-shared"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(paths) == 3 and len(set(paths)) == 1
+    assert open(paths[0], "rb").read() == data
+    assert len(server.requests) == 1
+    assert _files(tmp_path / "cache") == ["shared.bin"]
 
 
 def test_404_is_one_line_exit_2_and_leaves_no_file(server, env, tmp_path, capsys):

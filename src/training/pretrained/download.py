@@ -82,8 +82,6 @@ def _locked(path: str):
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             yield
-            if os.path.isfile(path):  # safe to drop: whoever still waits on it finds the file once it gets the lock
-                os.remove(path + ".lock")
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
@@ -117,6 +115,9 @@ def fetch(ckpt: Checkpoint, dest_dir: str | None = None, *, timeout: float = 60.
         if not os.path.isfile(final):  # another rank may have finished it while this one waited
             http_download(source, final, ckpt, timeout=timeout, attempts=attempts, retry_wait=retry_wait,
                           progress=progress)
+            # safe to drop now: a waiter on it finds the file once it gets the lock, a newcomer sees the file first;
+            # a failed download keeps it, so a waiter and a newcomer cannot both resume the same part
+            os.remove(final + ".lock")
     return final
 
 
