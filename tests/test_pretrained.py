@@ -422,3 +422,21 @@ def test_teacher_pretrained_registry_name_trains_from_a_mirror_folder(env, tmp_p
     for k in served:
         assert torch.equal(got[k], served[k]), k
     assert os.path.isfile(tmp_path / "logs" / "from-registry" / "checkpoints" / "epoch_1.pt")
+
+
+def test_export_takes_a_registry_name_as_its_checkpoint(env, tmp_path, monkeypatch):
+    from training.export import main as export_main
+    from training.models import create_clip, read_state_dict
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    torch.manual_seed(12)
+    torch.save({"epoch": 32, "state_dict": create_clip("tiny-student", None, torch.device("cpu")).state_dict()},
+               mirror / "tiny_student_ep32.pt")  # the open_clip training-checkpoint layout of the releases
+    env("cluster-tiny-student,tiny-student,https://releases.invalid/tiny_student_ep32.pt,,student,"
+        "cluster-tiny-teacher,synthetic,,,")
+    monkeypatch.setenv("CLIP_KD_MIRROR", str(mirror))
+    out = str(tmp_path / "student.safetensors")
+    assert export_main(["cluster-tiny-student", out, "--model", "tiny-student"]) == 0
+    exported, served = read_state_dict(out), read_state_dict(str(mirror / "tiny_student_ep32.pt"))
+    assert exported.keys() == served.keys() and all(torch.equal(exported[k], served[k]) for k in served)
