@@ -440,3 +440,25 @@ def test_export_takes_a_registry_name_as_its_checkpoint(env, tmp_path, monkeypat
     assert export_main(["cluster-tiny-student", out, "--model", "tiny-student"]) == 0
     exported, served = read_state_dict(out), read_state_dict(str(mirror / "tiny_student_ep32.pt"))
     assert exported.keys() == served.keys() and all(torch.equal(exported[k], served[k]) for k in served)
+
+
+def test_a_file_url_in_an_extra_registry_is_used_in_place(env, tmp_path):
+    blob = tmp_path / "internal" / "weights.pt"
+    blob.parent.mkdir()
+    blob.write_bytes(b"weights")
+    other = tmp_path / "internal" / "other.pt"
+    other.write_bytes(b"weights")
+    env(f"lab-file,tiny-teacher,file://{blob},{_sha(b'weights')},teacher,,,,,",
+        f"lab-path,tiny-teacher,{other},{_sha(b'other')},teacher,,,,,")
+    assert resolve("lab-file") == str(blob)
+    with pytest.raises(UsageError, match="sha256 mismatch"):
+        resolve("lab-path")
+    assert other.read_bytes() == b"weights"  # a mirror's or a registry's own file is never deleted
+
+
+def test_teacher_pretrained_name_without_teacher_is_refused_not_inferred(env, capsys):
+    from training.main import main
+
+    env()
+    assert main(["--teacher-pretrained", "clipkd-vit-b-16-cc3m12m", "--train-data", "unused.csv"]) == 2
+    assert "--teacher-pretrained needs --teacher" in _one_error_line(capsys)
