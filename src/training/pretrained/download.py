@@ -99,10 +99,9 @@ def fetch(ckpt: Checkpoint, dest_dir: str | None = None, *, timeout: float = 60.
         if not os.path.isfile(local):
             where = f"the mirror folder ${MIRROR_ENV}" if os.environ.get(MIRROR_ENV, "").strip() else "its registry"
             raise UsageError(f"{ckpt.name}: {local} not found (from {where})")
+        _check_sha256(ckpt, local, delete=False)  # never deletes a mirror's own file
         if dest_dir is None:
-            _check_sha256(ckpt, local, delete=False)
             return local
-        _check_sha256(ckpt, local, delete=False)
         final = os.path.join(dest_dir, ckpt.file_name)
         if not os.path.isfile(final):
             with atomic_write(final) as out, open(local, "rb") as src:
