@@ -22,12 +22,14 @@ import torch
 
 from .errors import UsageError, run_cli, usage_error
 from .fileio import atomic_path, read_json, torch_save, write_bytes, write_json, write_text
+from .pretrained import resolve as resolve_pretrained
 
 
 def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
     """Write the student's weights to `out`; returns the architecture name to pass to open_clip."""
     from .models import create_clip, read_state_dict
 
+    checkpoint = resolve_pretrained(checkpoint)  # a registry name -> its cached file (training.pretrained)
     if not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint not found: {checkpoint}")
     state_dict = read_state_dict(checkpoint)  # weights_only; takes the 'model' entry of a training checkpoint

@@ -22,6 +22,7 @@ from torch import nn
 from ..config import ModelConfig, TeacherConfig
 from ..data.transforms import ImageFormat
 from ..errors import UsageError, usage_error
+from ..pretrained import resolve as resolve_pretrained
 from .locking import lock_towers
 from .student import StudentModel
 from .teacher import Teacher
@@ -82,6 +83,7 @@ def resolve_model_name(name: str) -> str:
 def create_clip(name: str, pretrained: str | None, device: torch.device, **kwargs) -> nn.Module:
     """An open_clip model; `pretrained` is a local file or an open_clip pretrained tag (downloaded by open_clip)."""
     arch = resolve_model_name(name)
+    pretrained = resolve_pretrained(pretrained, arch)  # a registry name -> its cached file (training.pretrained)
     local = is_local_path(pretrained)
     if local and not os.path.isfile(pretrained):
         raise UsageError(f"checkpoint not found: {pretrained}")
