@@ -440,6 +440,11 @@ def test_export_takes_a_registry_name_as_its_checkpoint(env, tmp_path, monkeypat
     assert export_main(["cluster-tiny-student", out, "--model", "tiny-student"]) == 0
     exported, served = read_state_dict(out), read_state_dict(str(mirror / "tiny_student_ep32.pt"))
     assert exported.keys() == served.keys() and all(torch.equal(exported[k], served[k]) for k in served)
+    # a release records no flags: the registry names the architecture, for both export forms
+    assert export_main(["cluster-tiny-student", str(tmp_path / "bare.pt")]) == 0
+    assert all(torch.equal(read_state_dict(str(tmp_path / "bare.pt"))[k], served[k]) for k in served)
+    assert export_main(["cluster-tiny-student", str(tmp_path / "hf"), "--hf"]) == 0
+    assert (tmp_path / "hf" / "open_clip_model.safetensors").is_file()
 
 
 def test_a_file_url_in_an_extra_registry_is_used_in_place(env, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -22,14 +23,26 @@ import torch
 
 from .errors import UsageError, run_cli, usage_error
 from .fileio import atomic_path, read_json, torch_save, write_bytes, write_json, write_text
+from .pretrained import is_registry_name, lookup
 from .pretrained import resolve as resolve_pretrained
+
+
+def released(checkpoint: str, model: str | None) -> tuple[str, str | None]:
+    """A registry name -> (its cached file, its registered architecture unless --model says otherwise); released
+    files record no flags, so the registry names the architecture (said in the log)."""
+    if not is_registry_name(checkpoint):
+        return checkpoint, model
+    if model is None:
+        model = lookup(checkpoint).arch
+        logging.info("%s: architecture %s, from the registry", checkpoint, model)
+    return resolve_pretrained(checkpoint, model), model
 
 
 def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
     """Write the student's weights to `out`; returns the architecture name to pass to open_clip."""
     from .models import create_clip, read_state_dict
 
-    checkpoint = resolve_pretrained(checkpoint)  # a registry name -> its cached file (training.pretrained)
+    checkpoint, model = released(checkpoint, model)
     if not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint not found: {checkpoint}")
     state_dict = read_state_dict(checkpoint)  # weights_only; takes the 'model' entry of a training checkpoint
@@ -249,6 +262,7 @@ def export_hf(checkpoint: str, out_dir: str, model: str | None = None, eval_dir:
 
     _check_out_dir(out_dir, overwrite)
     evaluation = read_eval_dir(eval_dir) if eval_dir else None
+    checkpoint, model = released(checkpoint, model)
     if not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint not found: {checkpoint}")
     args = recorded_args(checkpoint)
