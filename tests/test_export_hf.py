@@ -212,3 +212,22 @@ def test_bare_weights_export_with_model_and_an_honest_card(run, tmp_path, capsys
     student = _student(run["ckpt"])
     exported, trained = model.state_dict(), student.state_dict()
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in trained)
+
+
+def test_a_student_trained_at_a_forced_image_size_exports_at_that_size(run, tmp_path):
+    """--force-image-size changes the positional embedding: both export forms rebuild the student at that size."""
+    from training.export import main as export_main
+    from training.models import read_state_dict
+
+    assert train_main(["--model", "tiny-student", "--force-image-size", "48", "--train-data", run["csv"],
+                       "--data-root", str(run["root"] / "data"), "--batch-size", "4", "--epochs", "1", "--lr", "1e-3",
+                       "--warmup", "1", "--precision", "fp32", "--workers", "0", "--logs", str(tmp_path / "logs"),
+                       "--name", "small", "--zeroshot-frequency", "0", "--val-frequency", "0", "--device", "cpu"]) == 0
+    ckpt = str(tmp_path / "logs" / "small" / "checkpoints" / "epoch_1.pt")
+    trained = torch.load(ckpt, weights_only=True)["model"]
+    assert export_main([ckpt, str(tmp_path / "small.pt")]) == 0
+    exported = read_state_dict(str(tmp_path / "small.pt"))
+    assert all(torch.equal(exported[k], trained[k]) for k in trained)
+    assert export_main([ckpt, str(tmp_path / "hf"), "--hf"]) == 0
+    config = json.loads((tmp_path / "hf" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["image_size"] == 48

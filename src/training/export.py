@@ -46,12 +46,12 @@ def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
     if not os.path.isfile(checkpoint):
         raise UsageError(f"checkpoint not found: {checkpoint}")
     state_dict = read_state_dict(checkpoint)  # weights_only; takes the 'model' entry of a training checkpoint
+    args = recorded_args(checkpoint)
+    model = model or args.get("model")
     if model is None:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model = (ckpt.get("args") or {}).get("model") if isinstance(ckpt, dict) else None
-        if model is None:
-            raise UsageError(f"{checkpoint} does not record its architecture: pass --model")
-    clip = create_clip(model, None, torch.device("cpu"))
+        raise UsageError(f"{checkpoint} does not record its architecture: pass --model")
+    size = args.get("force_image_size")  # the student was trained at this size: rebuild it so
+    clip = create_clip(model, None, torch.device("cpu"), **({"force_image_size": size} if size else {}))
     missing, unexpected = clip.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise UsageError(f"checkpoint does not match '{model}': missing {list(missing)[:3]}, "
@@ -315,11 +315,13 @@ def run(argv=None) -> int:
               f"(no clip-kd import needed); upload it with huggingface_hub.upload_folder (docs/export.md)")
         return 0
     for flag in ("eval_dir", "name", "license", "overwrite"):
-        if getattr(args, flag):
+        if vars(args)[flag]:
             raise UsageError(f"--{flag.replace('_', '-')} needs --hf")
     arch = export_student(args.checkpoint, args.out, args.model)
+    size = recorded_args(released(args.checkpoint, args.model)[0]).get("force_image_size")
+    extra = f", force_image_size={size}" if size else ""
     print(f"wrote {args.out}; load it with: import training, open_clip; "
-          f"open_clip.create_model_and_transforms({arch!r}, pretrained={args.out!r})")
+          f"open_clip.create_model_and_transforms({arch!r}, pretrained={args.out!r}{extra})")
     return 0
 
 
