@@ -219,3 +219,30 @@ def test_the_cli_refuses_a_student_the_teacher_cannot_give(world, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot inherit visual.positional_embedding" in err[0], err
+
+
+def test_with_a_teacher_cache_the_student_inherits_from_the_teacher_weights(world, capsys):
+    from training import cache_teacher
+
+    cache = str(world["root"] / "cache")
+    assert cache_teacher.main(["--teacher", "tiny-teacher", "--teacher-pretrained", world["teacher"], "--train-data",
+                               world["csv"], "--data-root", world["data_root"], "--views", "1", "--out", cache,
+                               "--batch-size", "8", "--workers", "0", "--device", "cpu"]) == 0
+    argv = _argv(world, "cached", "--init-from-teacher", "--teacher-cache", cache, "--max-steps", "1", "--lr", "1e-9",
+                 "--wd", "0")
+    assert main(argv) == 0
+    inherited, teacher_sd = _model(world, "cached", "step_1.pt"), _teacher_state(world)
+    layers = {"image": [0, 2], "text": [0, 2]}
+    student_cfg, teacher_cfg = open_clip.get_model_config("tiny-student-p8"), open_clip.get_model_config("tiny-teacher")
+    for key, value in inherited.items():
+        want = expected_tensor(key, teacher_sd, layers, teacher_cfg, student_cfg, tuple(value.shape))
+        np.testing.assert_allclose(value.numpy(), want, rtol=0, atol=1e-6, err_msg=key)
+    # without the teacher's weights there is nothing to inherit from: one line
+    no_weights = argv[:]
+    at = no_weights.index("--teacher-pretrained")
+    del no_weights[at:at + 2]
+    no_weights[no_weights.index("cached")] = "cached-no-weights"
+    capsys.readouterr()
+    assert main(no_weights) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --teacher and --teacher-pretrained" in err[0], err
