@@ -4,8 +4,10 @@
 
 Trains (a) the teacher (or reuses the quickstart's), (b) a randomly initialised student and (c) a student started
 with --init-from-teacher, with the same flags, data, steps and seed, and prints zero-shot top-1 and retrieval R@1 of
-both students at step 0 and at the end. The student is tiny-student-p8 (tiny-student with the teacher's patch size
-8: tiny-student's patch 16 gives a different number of image tokens, which cannot be inherited).
+both students at step 0 and at the end. The quickstart's tiny-student (patch 16) cannot inherit from tiny-teacher
+(patch 8: another number of image tokens), so the students are shipped configs with the teacher's patch size:
+tiny-student-p8 (tiny-student otherwise: half the teacher's width and depth) and tiny-student-w128 (the teacher's
+width, half its depth).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from training.fileio import torch_save  # noqa: E402
 from training.models import create_clip  # noqa: E402
 from training.models.inherit import inherit_weights  # noqa: E402
 
-STUDENT, TEACHER = "tiny-student-p8", "tiny-teacher"
+TEACHER = "tiny-teacher"
 METRICS = ("zeroshot/top1", "retrieval/image_to_text_R@1", "retrieval/text_to_image_R@1")
 
 
-def initial_student(teacher_file: str | None, seed: int, layers: str | None) -> dict:
+def initial_student(student_arch: str, teacher_file: str | None, seed: int, layers: str | None) -> dict:
     """The student's weights at step 0, as the CLI builds them (seeded init, then the inheritance)."""
     torch.manual_seed(seed)  # the Trainer seeds before it builds the student
-    student = create_clip(STUDENT, None, torch.device("cpu"))
+    student = create_clip(student_arch, None, torch.device("cpu"))
     if teacher_file:
         inherit_weights(student, create_clip(TEACHER, teacher_file, torch.device("cpu")), layers, layers)
     return student.state_dict()
@@ -42,6 +44,9 @@ def initial_student(teacher_file: str | None, seed: int, layers: str | None) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo")
+    p.add_argument("--student", default="tiny-student-p8",
+                   help="student architecture: tiny-student-p8 (half the teacher's width and depth) or "
+                        "tiny-student-w128 (the teacher's width, half its depth)")
     p.add_argument("--student-epochs", type=int, default=2)
     p.add_argument("--recipe", default="clip-kd", help="the loss of both students (a --recipe of training.main)")
     p.add_argument("--inherit-layers", default="auto", help="as training.main --inherit-layers")
@@ -51,7 +56,7 @@ def main() -> None:
     logging.getLogger().setLevel(logging.ERROR)
     t0 = time.time()
     world, teacher_file, budget = prepare_teacher(opts.out, opts.threads)
-    seed = budget.seed
+    seed, student = budget.seed, opts.student
     flags = ["--teacher", TEACHER, "--teacher-pretrained", teacher_file, "--recipe", opts.recipe]
     folder = os.path.join(opts.out, "inheritance")
     os.makedirs(folder, exist_ok=True)
@@ -61,14 +66,14 @@ def main() -> None:
             ("--init-from-teacher", "inherited", ["--init-from-teacher", "--inherit-layers", opts.inherit_layers],
              teacher_file)]
     for label, name, extra, source in runs:
-        start_file = os.path.join(folder, f"{name}_step0.pt")
-        torch_save(initial_student(source, seed, opts.inherit_layers), start_file)
-        rows.append((f"{STUDENT}, {label}", "step 0", evaluate(STUDENT, start_file, world)))
-        ckpt = train(opts.out, f"inherit-{name}", STUDENT, world, opts.student_epochs, [*flags, *extra],
+        start_file = os.path.join(folder, f"{student}-{name}_step0.pt")
+        torch_save(initial_student(student, source, seed, opts.inherit_layers), start_file)
+        rows.append((f"{student}, {label}", "step 0", evaluate(student, start_file, world)))
+        ckpt = train(opts.out, f"inherit-{student}-{name}", student, world, opts.student_epochs, [*flags, *extra],
                      opts.threads)
-        rows.append((f"{STUDENT}, {label}", f"{opts.student_epochs} epochs", evaluate(STUDENT, ckpt, world)))
+        rows.append((f"{student}, {label}", f"{opts.student_epochs} epochs", evaluate(student, ckpt, world)))
 
-    print(f"\n{TEACHER} -> {STUDENT}, --recipe {opts.recipe}, {opts.student_epochs} epochs of {world.num_train} "
+    print(f"\n{TEACHER} -> {student}, --recipe {opts.recipe}, {opts.student_epochs} epochs of {world.num_train} "
           f"pairs, seed {seed}\n")
     print("| student | when | zero-shot top-1 | I→T R@1 | T→I R@1 |")
     print("|---|---|---:|---:|---:|")
