@@ -44,9 +44,9 @@ def initial_student(student_arch: str, teacher_file: str | None, seed: int, laye
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo")
-    p.add_argument("--student", default="tiny-student-p8",
-                   help="student architecture: tiny-student-p8 (half the teacher's width and depth) or "
-                        "tiny-student-w128 (the teacher's width, half its depth)")
+    p.add_argument("--student", default="tiny-student-w128",
+                   help="student architecture: tiny-student-w128 (the teacher's width, half its depth) or "
+                        "tiny-student-p8 (half the teacher's width and depth)")
     p.add_argument("--student-epochs", type=int, default=2)
     p.add_argument("--recipe", default="clip-kd", help="the loss of both students (a --recipe of training.main)")
     p.add_argument("--inherit-layers", default="auto", help="as training.main --inherit-layers")
