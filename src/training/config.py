@@ -45,6 +45,10 @@ class ModelConfig:
     lock_text: bool = False
     lock_text_unlocked_layers: int = 0
     lock_text_freeze_layer_norm: bool = False
+    init_from_teacher: bool = False  # weight inheritance (TinyCLIP, DistillCLIP): models/inherit.py
+    inherit_layers: str | None = None  # layer spec for both towers (None: auto)
+    inherit_image_layers: str | None = None  # per-tower overrides of inherit_layers
+    inherit_text_layers: str | None = None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,16 @@ def _report_to(value: str) -> str:
     return value
 
 
+def _layer_spec(value: str) -> str:
+    from .models.inherit import parse_layer_spec
+
+    try:
+        parse_layer_spec(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('student', 'the student CLIP')
     g.add_argument("--model", default="ViT-T-16", help="student: open_clip name, a config shipped here, or a JSON path")
@@ -57,6 +67,19 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lock-text-freeze-layer-norm", action="store_true",
                    help="with --lock-text: also freeze LayerNorm of the locked layers (HF text towers; open_clip's "
                         "own text transformer always freezes them)")
+    g.add_argument("--init-from-teacher", action="store_true",
+                   help="weight inheritance (TinyCLIP, DistillCLIP): start a smaller ViT / text-transformer student "
+                        "from the (first) --teacher's weights: the layers chosen by --inherit-layers, every tensor "
+                        "the leading slice of the teacher's (attention per head); a --resume checkpoint's weights "
+                        "win. With --teacher-cache it needs --teacher and --teacher-pretrained")
+    g.add_argument("--inherit-layers", type=_layer_spec, default=None, metavar="auto|every:K|i,j,k",
+                   help="with --init-from-teacher, the teacher layer each student layer copies, in both towers: "
+                        "auto = evenly spaced (floor(i*L_teacher/L_student), default), every:K = teacher layers "
+                        "0,K,2K,..., or a list of teacher layers, one per student layer (0,2,5)")
+    g.add_argument("--inherit-image-layers", type=_layer_spec, default=None, metavar="auto|every:K|i,j,k",
+                   help="with --init-from-teacher: --inherit-layers for the image tower only")
+    g.add_argument("--inherit-text-layers", type=_layer_spec, default=None, metavar="auto|every:K|i,j,k",
+                   help="with --init-from-teacher: --inherit-layers for the text tower only")
 
 
 def add_teacher_flags(p: argparse.ArgumentParser) -> None:
@@ -302,7 +325,8 @@ RANGES: dict[str, str] = {
 NEEDS = {"lock_image_unlocked_groups": "lock_image", "lock_image_freeze_bn_stats": "lock_image",
          "lock_text_unlocked_layers": "lock_text", "lock_text_freeze_layer_norm": "lock_text",
          "teacher_pretrained": "teacher", "train_data_upsampling_factors": "dataset_resampled",
-         "fsdp_shard_teacher": "fsdp"}
+         "fsdp_shard_teacher": "fsdp", "init_from_teacher": "teacher", "inherit_layers": "init_from_teacher",
+         "inherit_image_layers": "init_from_teacher", "inherit_text_layers": "init_from_teacher"}
 
 
 def _flag(dest: str) -> str:

@@ -30,6 +30,7 @@ from .errors import TeacherCacheError, UsageError
 from .eval.hook import TrainingEvaluator
 from .logger import MetricLogger
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
+from .models.inherit import init_student_from_teacher
 from .models.towers import check_masking_supported
 from .optim import create_optimizer, param_groups
 from .precision import make_grad_scaler, resolve
@@ -129,6 +130,8 @@ class Trainer:
                                              ("ddp", "horovod") else None)
         self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
         self.teacher, teacher_bundle, cache = open_teacher(config, env.device)
+        if config.model.init_from_teacher:  # weight inheritance: an init, so a --resume checkpoint overwrites it
+            init_student_from_teacher(self.student, self.teacher, config.model, config.teacher)
         teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
         members = list(self.teacher.members) if isinstance(self.teacher, Teacher) else None  # feat: live towers
         self.loss_fn = create_distill_loss(config.distill, embed_dim(self.student), teacher_dims, seed=config.seed,
