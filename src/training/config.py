@@ -264,8 +264,3 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "teacher": TeacherConfig, "distill": DistillConfig, "data": DataConfig,
              "optim": OptimConfig, "runtime": RuntimeConfig, "parallel": ParallelConfig,
              "checkpoint": CheckpointConfig, "eval": EvalConfig, "logging": LoggingConfig}
-
-
-def as_config(config: Config | argparse.Namespace | dict) -> Config:
-    """A Config from a Config, a parsed namespace or a flat record (tests and benchmarks build runs from flags)."""
-    return config if isinstance(config, Config) else Config.from_args(config)
