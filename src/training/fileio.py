@@ -4,6 +4,7 @@ exports, the demo world) goes through `atomic_write`, so a crash or a kill never
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -68,6 +69,15 @@ def torch_save(obj, path: str) -> None:
 
     with atomic_write(path) as f:
         torch.save(obj, f)
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks (cache shards, teacher weights, downloads)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json(path: str):

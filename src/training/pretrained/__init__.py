@@ -15,11 +15,11 @@ import logging
 import os
 
 from ..errors import UsageError
-from .download import CACHE_ENV, MIRROR_ENV, cache_dir, fetch, sha256_of, source_of
+from .download import CACHE_ENV, MIRROR_ENV, cache_dir, fetch, source_of
 from .registry import REGISTRY_ENV, Checkpoint, is_registry_name, load_registry, lookup
 
 __all__ = ["CACHE_ENV", "MIRROR_ENV", "REGISTRY_ENV", "Checkpoint", "cache_dir", "download", "fetch",
-           "is_registry_name", "load_registry", "lookup", "resolve", "sha256_of", "source_of"]
+           "is_registry_name", "load_registry", "lookup", "resolve", "source_of"]
 
 
 def download(name: str, dest_dir: str | None = None, **options) -> str:

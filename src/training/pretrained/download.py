@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from ..errors import UsageError
-from ..fileio import atomic_path, atomic_write
+from ..fileio import atomic_path, atomic_write, file_sha256
 from .registry import Checkpoint
 
 CACHE_ENV = "CLIP_KD_CACHE"
@@ -55,18 +54,10 @@ def source_of(ckpt: Checkpoint) -> str:
     return os.path.join(_local_path(mirror), ckpt.file_name)
 
 
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_sha256(ckpt: Checkpoint, path: str, delete: bool) -> None:
     if not ckpt.sha256:
         return
-    got = sha256_of(path)
+    got = file_sha256(path)
     if got != ckpt.sha256:
         if delete:
             os.remove(path)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.common import MISSING_REASON, SampleNotCached
 from ..errors import TeacherCacheError, UsageError
-from ..fileio import read_json, write_bytes
+from ..fileio import file_sha256, read_json, write_bytes
 
 __all__ = ["CONFIG", "FORMAT", "MANIFEST", "MISSING_REASON", "NORM_TOL", "SHARD_DIR", "STORAGE_DTYPES",
            "SampleNotCached", "TeacherCacheError", "decode", "encode", "expected_shapes", "file_sha256", "hash64",
@@ -33,16 +33,6 @@ NORM_TOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2, "int8": 6e-2}
 def hash64(text: str) -> int:
     """Stable signed 64-bit hash of a string (blake2b); Python's hash() is salted per process."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def weights_sha256(model: nn.Module) -> str:
