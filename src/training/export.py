@@ -38,8 +38,9 @@ def released(checkpoint: str, model: str | None) -> tuple[str, str | None]:
     return resolve_pretrained(checkpoint, model), model
 
 
-def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
-    """Write the student's weights to `out`; returns the architecture name to pass to open_clip."""
+def export_student(checkpoint: str, out: str, model: str | None = None) -> tuple[str, dict]:
+    """Write the student's weights to `out`; returns the architecture name and the keyword arguments to pass to
+    open_clip to load them (`force_image_size` when the student was trained at another size)."""
     from .models import create_clip, read_state_dict
 
     checkpoint, model = released(checkpoint, model)
@@ -51,7 +52,8 @@ def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
     if model is None:
         raise UsageError(f"{checkpoint} does not record its architecture: pass --model")
     size = args.get("force_image_size")  # the student was trained at this size: rebuild it so
-    clip = create_clip(model, None, torch.device("cpu"), **({"force_image_size": size} if size else {}))
+    load_kwargs = {"force_image_size": size} if size else {}
+    clip = create_clip(model, None, torch.device("cpu"), **load_kwargs)
     missing, unexpected = clip.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise UsageError(f"checkpoint does not match '{model}': missing {list(missing)[:3]}, "
@@ -64,7 +66,7 @@ def export_student(checkpoint: str, out: str, model: str | None = None) -> str:
             save_file(clean, tmp)
     else:
         torch_save(clean, out)
-    return clip.arch_name
+    return clip.arch_name, load_kwargs
 
 
 # open_clip's Hugging Face layout (open_clip/constants.py, factory.py's local-dir: / hf-hub: loading)
@@ -267,7 +269,7 @@ def export_hf(checkpoint: str, out_dir: str, model: str | None = None, eval_dir:
         raise UsageError(f"checkpoint not found: {checkpoint}")
     args = recorded_args(checkpoint)
     with quiet_random_init_warning():  # the model is built empty, then the checkpoint is loaded into it
-        arch = export_student(checkpoint, os.path.join(out_dir, HF_WEIGHTS_NAME), model)
+        arch, _ = export_student(checkpoint, os.path.join(out_dir, HF_WEIGHTS_NAME), model)
     model_cfg = hf_model_cfg(arch, args)
     write_json(os.path.join(out_dir, HF_CONFIG_NAME),
                {"model_cfg": model_cfg, "preprocess_cfg": hf_preprocess_cfg(arch, args.get("pretrained"))}, indent=2)
@@ -317,9 +319,8 @@ def run(argv=None) -> int:
     for flag in ("eval_dir", "name", "license", "overwrite"):
         if vars(args)[flag]:
             raise UsageError(f"--{flag.replace('_', '-')} needs --hf")
-    arch = export_student(args.checkpoint, args.out, args.model)
-    size = recorded_args(released(args.checkpoint, args.model)[0]).get("force_image_size")
-    extra = f", force_image_size={size}" if size else ""
+    arch, load_kwargs = export_student(args.checkpoint, args.out, args.model)
+    extra = "".join(f", {k}={v!r}" for k, v in load_kwargs.items())
     print(f"wrote {args.out}; load it with: import training, open_clip; "
           f"open_clip.create_model_and_transforms({arch!r}, pretrained={args.out!r}{extra})")
     return 0
