@@ -85,6 +85,9 @@ class DistillConfig:
     alpha_afd_loss: float | None = None
     kd_temperature: float = 1.0
     teacher_logit_scale: float | None = None
+    teacher_logit_scales: str | None = None  # "70,60": one scale per ensemble member
+    teacher_logit_biases: str | None = None  # "-10,-12": one sigmoid bias per member (sig_kd)
+    sigmoid_chunk: int = 1024  # rows per chunk of the sigmoid terms' pair matrix
     student_kd_logit_scale: float | None = None
     mask_ratio: float = 0.5
     feat_layers: str | None = None

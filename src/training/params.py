@@ -126,6 +126,13 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of crd/xkd")
     g.add_argument("--teacher-logit-scale", type=float, default=None,
                    help="fixed teacher scale (instead of exp(teacher.logit_scale)); TinyCLIP uses 50")
+    g.add_argument("--teacher-logit-scales", default=None, metavar="S1,S2,...",
+                   help="fixed scale per --teacher member, e.g. 70,60 (MobileCLIP2): softmax and sigmoid terms")
+    g.add_argument("--teacher-logit-biases", default=None, metavar="B1,B2,...",
+                   help="fixed sigmoid bias per --teacher member for sig_kd (default: a SigLIP teacher's own)")
+    g.add_argument("--sigmoid-chunk", type=int, default=1024,
+                   help="rows of the pair matrix the sigmoid terms (task_siglip, sig_kd) evaluate at once: memory "
+                        "O(chunk x global batch)")
     g.add_argument("--student-kd-logit-scale", type=float, default=None,
                    help="fixed student scale inside the KD terms (TinyCLIP uses 50)")
     g.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden from the student (mfd)")
@@ -289,6 +296,7 @@ RANGES: dict[str, str] = {
     "kd_temperature": "(0, inf)",
     "teacher_logit_scale": "(0, inf)",
     "student_kd_logit_scale": "(0, inf)",
+    "sigmoid_chunk": "[1, inf)",
     "mask_ratio": "[0, 1)",
     "kd_teacher_member": "[0, inf)",
     # data
@@ -366,12 +374,21 @@ def validate_args(args: argparse.Namespace) -> Config:
     if member is not None and teacher.models and member >= len(teacher.models):
         raise UsageError(f"--kd-teacher-member {member} is out of range for {len(teacher.models)} --teacher "
                          "model(s) (members count from 0)")
+    from .distill.spec import check_combinations, parse_member_values, resolve_spec
+
+    for flag, text in (("--teacher-logit-scales", distill.teacher_logit_scales),
+                       ("--teacher-logit-biases", distill.teacher_logit_biases)):
+        values = parse_member_values(text, flag)
+        if values is not None and teacher.models and len(values) != len(teacher.models):
+            raise UsageError(f"{flag} lists {len(values)} value(s) for {len(teacher.models)} --teacher model(s)")
+        if values is not None and flag == "--teacher-logit-scales" and not all(v > 0 for v in values):
+            raise UsageError(f"--teacher-logit-scales values must be > 0, got {text}")
+    if distill.teacher_logit_scales and distill.teacher_logit_scale is not None:
+        raise UsageError("--teacher-logit-scale and --teacher-logit-scales both fix the teacher scale: give one")
     if distill.local_loss and not distill.gather_with_grad:
         log.warning("--local-loss without --gather-with-grad: with more than one process the gradient through the "
                     "other ranks' features (the logit columns) is dropped, as in open_clip; add --gather-with-grad "
                     "for exact gradients")
-    from .distill.spec import check_combinations, resolve_spec
-
     spec = resolve_spec(distill.distill, distill.recipe, distill.overrides)  # a bad spec fails before any model loads
     check_combinations(spec.terms, distill.feat_layers)
     return config

@@ -56,6 +56,8 @@ def distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, to
         teacher_image=teacher["image_features"] if teacher else None,
         teacher_text=teacher["text_features"] if teacher else None,
         teacher_scale=teacher["logit_scales"] if teacher else None,
+        student_bias=student.get("logit_bias"),
+        teacher_bias=teacher.get("logit_biases") if teacher else None,
         step=trainer.step,
         student_intermediates={"image": student["image_intermediates"], "text": student["text_intermediates"]},
         teacher_intermediates=teacher.get("intermediates") if teacher else None,

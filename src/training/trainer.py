@@ -115,6 +115,19 @@ def student_forward_module(student, loss_fn, teacher, distill: DistillConfig, de
     return forward
 
 
+def check_teacher_biases(loss_fn, teacher) -> None:
+    """A sigmoid KD term needs each teacher member's logit bias: a SigLIP teacher's own, or --teacher-logit-biases;
+    a CLIP teacher has none, and a bias is never guessed."""
+    if not loss_fn.needs_teacher_bias or loss_fn.teacher_logit_biases is not None:
+        return
+    missing = [name for name, b in zip(getattr(teacher, "names", None) or range(len(teacher.logit_biases)),
+                                       teacher.logit_biases) if b is None]
+    if missing:
+        raise UsageError(f"the sigmoid KD term needs the teacher's logit bias, and teacher member(s) "
+                         f"{', '.join(map(str, missing))} have none (a CLIP teacher): pass --teacher-logit-biases "
+                         "(one per --teacher member), or use a SigLIP teacher")
+
+
 class Trainer:
     def __init__(self, config: Config, env: distributed.DistEnv):
         self.config, self.env = config, env
@@ -138,6 +151,7 @@ class Trainer:
                                            student_model=self.student, teacher_model=members).to(env.device)
         if self.loss_fn.needs_teacher and self.teacher is None:
             raise UsageError("the --distill spec has teacher terms but no --teacher was given")
+        check_teacher_biases(self.loss_fn, self.teacher)
         self.loss_fn.sync_()
         logging.info("distillation: %s", self.loss_fn.describe())
 

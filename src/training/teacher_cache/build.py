@@ -203,6 +203,8 @@ def teacher_entries(config: TeacherConfig, teacher, bundle) -> list[dict]:
                     "embed_dim": int(teacher.embed_dims[len(out)]),
                     "logit_scale": float(member.logit_scale.exp().float()),
                     "context_length": int(bundle.context_length), "tokenizer": type(bundle.tokenizer).__name__})
+        if getattr(member, "logit_bias", None) is not None:  # a SigLIP teacher: the sigmoid terms need its bias
+            out[-1]["logit_bias"] = float(member.logit_bias.float())
     return out
 
 

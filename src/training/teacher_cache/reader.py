@@ -164,6 +164,9 @@ class CachedTeacher(nn.Module):
         self.names = [t["name"] for t in manifest["teachers"]]
         self._dims = [int(t["embed_dim"]) for t in manifest["teachers"]]
         self.scales = [float(t["logit_scale"]) for t in manifest["teachers"]]
+        # SigLIP teachers' logit bias (None: a CLIP teacher, or a cache written before biases were recorded)
+        self.logit_biases = [None if t.get("logit_bias") is None else float(t["logit_bias"])
+                             for t in manifest["teachers"]]
         self.requires_grad_(False)
 
     @property
@@ -183,4 +186,6 @@ class CachedTeacher(nn.Module):
         text = batch["teacher_text_emb"].to(device, torch.float32, non_blocking=True)
         return {"image_features": list(image.split(self._dims, dim=-1)),
                 "text_features": list(text.split(self._dims, dim=-1)),
-                "logit_scales": [torch.tensor(s, dtype=torch.float32, device=device) for s in self.scales]}
+                "logit_scales": [torch.tensor(s, dtype=torch.float32, device=device) for s in self.scales],
+                "logit_biases": [None if b is None else torch.tensor(b, dtype=torch.float32, device=device)
+                                 for b in self.logit_biases]}
