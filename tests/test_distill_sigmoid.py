@@ -199,7 +199,7 @@ def test_loss_side_sigmoid_parameters_clamp_and_skip_weight_decay():
 def test_cli_refuses_bad_member_values_in_one_line():
     from training.params import parse_config
 
-    base = ["--model", "tiny-student", "--teacher", "tiny-teacher,tiny-siglip", "--train-data", "x.csv"]
+    base = ["--model", "tiny-student", "--teacher", "tiny-teacher,tiny-sigmoid", "--train-data", "x.csv"]
     with pytest.raises(UsageError, match="lists 1 value"):
         parse_config(base + ["--teacher-logit-scales", "70"])
     with pytest.raises(UsageError, match="comma-separated numbers"):

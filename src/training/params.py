@@ -129,7 +129,8 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-logit-scales", default=None, metavar="S1,S2,...",
                    help="fixed scale per --teacher member, e.g. 70,60 (MobileCLIP2): softmax and sigmoid terms")
     g.add_argument("--teacher-logit-biases", default=None, metavar="B1,B2,...",
-                   help="fixed sigmoid bias per --teacher member for sig_kd (default: a SigLIP teacher's own)")
+                   help="fixed sigmoid bias per --teacher member for sig_kd (default: a SigLIP teacher's own); "
+                        "negative values need the = form: --teacher-logit-biases=-10,-12")
     g.add_argument("--sigmoid-chunk", type=int, default=1024,
                    help="rows of the pair matrix the sigmoid terms (task_siglip, sig_kd) evaluate at once: memory "
                         "O(chunk x global batch)")
