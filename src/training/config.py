@@ -124,6 +124,7 @@ class DataConfig:
     dataset_resampled: bool = False
     train_data_upsampling_factors: str | None = None
     wds_caption_key: str = "txt"
+    captions_per_step: int = 1  # 2: MobileCLIP's two-caption loss (docs/losses_impl.md)
     wds_key_format: str = "auto"
     wds_shuffle_buffer: int = 5000
 

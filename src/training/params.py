@@ -175,7 +175,11 @@ def add_data_source_flags(p: argparse.ArgumentParser) -> None:
                    help="WebDataset: per-source shard weights joined with '::' (one per '::' source of --train-data); "
                         "needs --dataset-resampled")
     g.add_argument("--wds-caption-key", default="txt",
-                   help="WebDataset caption: a tar member extension (txt), else this (dotted) field of the .json member")
+                   help="WebDataset caption: a tar member extension (txt), else this (dotted) field of the .json member; "
+                        "a comma list (txt,syn.txt) or a JSON list value gives several captions per image")
+    g.add_argument("--captions-per-step", type=int, default=1, choices=[1, 2],
+                   help="captions per image and step, drawn from its K captions by (seed, epoch, key): 2 computes "
+                        "every term for both and averages them (MobileCLIP's two-caption form)")
     g.add_argument("--wds-key-format", default="auto", choices=["auto", "key", "shard"],
                    help="WebDataset sample keys: auto = __key__ (prefixed by the source folder with several sources), "
                         "key = bare __key__, shard = <shard stem>/__key__")
@@ -386,6 +390,9 @@ def validate_args(args: argparse.Namespace) -> Config:
             raise UsageError(f"--teacher-logit-scales values must be > 0, got {text}")
     if distill.teacher_logit_scales and distill.teacher_logit_scale is not None:
         raise UsageError("--teacher-logit-scale and --teacher-logit-scales both fix the teacher scale: give one")
+    if config.data.captions_per_step > 1 and config.optim.accum_freq > 1:
+        raise UsageError("--captions-per-step 2 does not combine with --accum-freq > 1 yet (the cached micro-batch "
+                         "outputs hold one caption per image): use one of the two")
     if distill.local_loss and not distill.gather_with_grad:
         log.warning("--local-loss without --gather-with-grad: with more than one process the gradient through the "
                     "other ranks' features (the logit columns) is dropped, as in open_clip; add --gather-with-grad "

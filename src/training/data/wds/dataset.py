@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.config import DataConfig
-from training.data.common import DataInfo, DataTransforms, collate, make_sample, sample_rng
+from training.data.common import DataInfo, DataTransforms, caption_rng, collate, make_sample, sample_rng
 
 from ...errors import NoDataError, TeacherCacheError, UsageError
 from .resume import resume_positions, select_state, stream_state
@@ -181,7 +181,8 @@ class WdsDataset(IterableDataset):
             return None if cache is not None and cache.missing == "skip" and key not in cache else True
         try:
             rng = sample_rng(self.seed, self.epoch, key) if self.is_train else None
-            return make_sample(image, caption, key, self.transforms, self.is_train, rng)
+            captions = caption_rng(self.seed, self.epoch, key) if self.is_train else None
+            return make_sample(image, caption, key, self.transforms, self.is_train, rng, captions)
         except UsageError:  # e.g. a key missing from the teacher cache in error mode: never train on wrong targets
             raise
         except Exception as e:  # noqa: BLE001 - any preprocessing failure is a skipped sample
