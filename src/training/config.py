@@ -125,6 +125,7 @@ class DataConfig:
     train_data_upsampling_factors: str | None = None
     wds_caption_key: str = "txt"
     captions_per_step: int = 1  # 2: MobileCLIP's two-caption loss (docs/losses_impl.md)
+    datacompdr_teachers: str | None = None  # "768,768": shards in DataCompDR's layout, their teachers' widths
     wds_key_format: str = "auto"
     wds_shuffle_buffer: int = 5000
 

@@ -180,6 +180,10 @@ def add_data_source_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--captions-per-step", type=int, default=1, choices=[1, 2],
                    help="captions per image and step, drawn from its K captions by (seed, epoch, key): 2 computes "
                         "every term for both and averages them (MobileCLIP's two-caption form)")
+    g.add_argument("--datacompdr-teachers", default=None, metavar="D1,D2,...",
+                   help="WebDataset shards in Apple's DataCompDR layout (syn.json, paug.json, npz, plus jpg/txt "
+                        "joined from DataComp): train from their stored teacher embeddings, of these widths "
+                        "(concatenated in the npz); needs --teacher-logit-scales; no --teacher is run")
     g.add_argument("--wds-key-format", default="auto", choices=["auto", "key", "shard"],
                    help="WebDataset sample keys: auto = __key__ (prefixed by the source folder with several sources), "
                         "key = bare __key__, shard = <shard stem>/__key__")
@@ -310,6 +314,7 @@ RANGES: dict[str, str] = {
     "synthetic_num_samples": "[1, inf)",
     "workers": "[0, inf)",
     "wds_shuffle_buffer": "[1, inf)",  # 1 = no shuffling
+    "captions_per_step": "[1, 2]",
     # optimisation
     "batch_size": "[1, inf)",
     "epochs": "[1, inf)",
@@ -390,6 +395,21 @@ def validate_args(args: argparse.Namespace) -> Config:
             raise UsageError(f"--teacher-logit-scales values must be > 0, got {text}")
     if distill.teacher_logit_scales and distill.teacher_logit_scale is not None:
         raise UsageError("--teacher-logit-scale and --teacher-logit-scales both fix the teacher scale: give one")
+    if config.data.datacompdr_teachers is not None:
+        from .data import dataset_type
+        from .data.datacompdr import parse_widths
+
+        widths = parse_widths(config.data.datacompdr_teachers)
+        if teacher.teacher or teacher.teacher_cache:
+            raise UsageError("--datacompdr-teachers trains from the embeddings stored in the shards: drop "
+                             "--teacher/--teacher-cache")
+        if dataset_type(config.data) != "webdataset":
+            raise UsageError("--datacompdr-teachers reads WebDataset shards (--dataset-type webdataset)")
+        scales = parse_member_values(distill.teacher_logit_scales, "--teacher-logit-scales")
+        if scales is None or len(scales) != len(widths):
+            raise UsageError(f"--datacompdr-teachers {config.data.datacompdr_teachers}: DataCompDR shards do not "
+                             f"store the teachers' logit scales; pass --teacher-logit-scales with {len(widths)} "
+                             "value(s) (e.g. 100,100)")
     if config.data.captions_per_step > 1 and config.optim.accum_freq > 1:
         raise UsageError("--captions-per-step 2 does not combine with --accum-freq > 1 yet (the cached micro-batch "
                          "outputs hold one caption per image): use one of the two")

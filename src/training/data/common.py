@@ -122,16 +122,20 @@ def draw_captions(count: int, per_step: int, rng: random.Random | None) -> list[
 
 
 def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, is_train: bool,
-                rng: random.Random | None = None, captions_rng: random.Random | None = None) -> dict[str, Any]:
+                rng: random.Random | None = None, captions_rng: random.Random | None = None,
+                teacher_entry: dict | None = None, caption_indices: Sequence[int] | None = None) -> dict[str, Any]:
     """Turn one decoded PIL image + its caption(s) into the model inputs (teacher tensors only when they differ).
 
     Several captions: `draw_captions` picks `transforms.captions_per_step` of them with `captions_rng`; the first goes
-    to `text`, the second (if any) to `text_2`, and `caption_index` records which were drawn."""
+    to `text`, the second (if any) to `text_2`, and `caption_index` records which were drawn. A source that carries
+    its own teacher embeddings (DataCompDR shards) passes the drawn `teacher_entry` (as a cache's `sample_entry`
+    returns it) and its `caption_indices`."""
     views = transforms.train_views if is_train else transforms.val_views
     captions = as_captions(caption)
-    chosen = draw_captions(len(captions), transforms.captions_per_step, captions_rng if is_train else None)
-    cached = None
-    if is_train and transforms.teacher_cache is not None:  # replay the view the teacher embedded, join its targets
+    chosen = list(caption_indices) if caption_indices is not None else \
+        draw_captions(len(captions), transforms.captions_per_step, captions_rng if is_train else None)
+    cached = dict(teacher_entry) if is_train and teacher_entry is not None else None
+    if cached is None and is_train and transforms.teacher_cache is not None:  # replay the view the teacher embedded, join its targets
         if views is None:
             raise ValueError("a teacher cache needs DataTransforms.train_views (PairedViews) to replay its views")
         cached = transforms.teacher_cache.sample_entry(key, caption, image.size, rng if rng is not None else views.rng,
