@@ -219,3 +219,18 @@ def test_wds_shards_with_several_captions_train(tmp_path):
             "--precision", "fp32", "--workers", "0", "--logs", str(tmp_path / "logs"), "--name", "wds",
             "--zeroshot-frequency", "0", "--val-frequency", "0", "--device", "cpu"]
     assert main(argv) == 0
+
+
+def test_int8_cache_with_several_captions_verifies_and_replays(world, cache_dir, tmp_path):
+    out = str(tmp_path / "int8")
+    assert cache_teacher.main(["--teacher", "tiny-teacher", "--teacher-pretrained", world["teacher"],
+                               "--train-data", world["csv"], "--data-root", world["data_root"], "--views", "1",
+                               "--out", out, "--samples-per-shard", "16", "--batch-size", "5", "--workers", "0",
+                               "--device", "cpu", "--cache-dtype", "int8"]) == 0
+    assert cache_teacher.main(["--verify", out]) == 0
+    q, ref = TeacherCache(out).entry("train/7"), TeacherCache(cache_dir).entry("train/7")
+    assert q["captions"][0].shape == ref["captions"][0].shape == (K, 128)
+    assert float((q["captions"][0] * ref["captions"][0]).sum(-1).min()) > 0.999  # int8 rounding only
+    single = TeacherCache(out).entry("train/0")  # one caption in a shard of three-caption rows: padded, count 1
+    assert single["caption_count"] == 1 and single["captions"][0].shape == (K, 128)
+    assert torch.equal(single["captions"][0][1], single["captions"][0][0])
