@@ -5,11 +5,15 @@
     public code). Each measurement runs in a fresh subprocess and reports the growth of the peak resident set
     (ru_maxrss) over a baseline taken after the inputs exist (on CUDA: torch.cuda.max_memory_allocated). The naive
     version is measured at smaller G (its G×d×G tensor is 2 GiB at G=1024) and its size at G=1024 is given.
+(c) sigmoid terms (task_siglip) peak extra memory (forward + backward), same method as (a): the chunked
+    implementation of training.distill.terms (--chunk rows at a time, the backward recomputes each chunk's logits)
+    vs the dense one that lets autograd keep the G×G logits and their intermediates.
 (b) zero-weighted terms: forward+backward time of "task=1,crd=1,icl=1,fd=2000" with and without heavy terms
     scheduled to weight 0 at the measured step (gd, afd, xkd, sim, mfd, emb, emb_text, all "@from:10**9"), and with
     those terms on, in one run (interleaved, median of --reps).
 
-    python benchmarks/loss_terms.py [--G 1024] [--d 512] [--reps 7] [--device cpu|cuda] [--part all|memory|time]
+    python benchmarks/loss_terms.py [--G 1024] [--d 512] [--reps 7] [--device cpu|cuda] [--chunk 256]
+                                    [--part all|memory|time|sigmoid]
 """
 
 from __future__ import annotations
@@ -59,6 +63,21 @@ def task_ref(p_v, p_t, s_scale, t_v, t_t, t_scale):
     return terms.task(p_v, p_t, p_v, p_t, s_scale, torch.arange(p_v.shape[0], device=p_v.device))
 
 
+def sigmoid_dense(p_v, p_t, s_scale, t_v, t_t, t_scale):
+    """task_siglip written the direct way: the G×G logits (and autograd's saved intermediates) all at once."""
+    x = s_scale * p_v @ p_t.t() - 10.0
+    y = torch.eye(x.shape[0], device=x.device)
+    return (F.softplus(x) - y * x).sum() / x.shape[0]
+
+
+def sigmoid_chunked(chunk: int):
+    def fn(p_v, p_t, s_scale, t_v, t_t, t_scale):
+        from training.distill import terms
+
+        return terms.task_siglip(p_v, p_t, s_scale, -10.0, torch.arange(p_v.shape[0], device=p_v.device), chunk)
+    return fn
+
+
 def _inputs(g, d, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = [F.normalize(torch.randn(g, d, generator=gen), dim=-1).to(device) for _ in range(4)]
@@ -70,11 +89,15 @@ def _maxrss_bytes() -> int:
 
 
 def measure_memory(impl: str, g: int, d: int, device: str) -> int:
-    """Child mode: peak extra bytes of one forward+backward of gd (impl 'matmul' or 'naive')."""
+    """Child mode: peak extra bytes of one forward+backward of impl ('matmul'/'naive' gd, 'task', 'sigmoid_dense',
+    'sigmoid_chunk:C')."""
     from training.distill import terms
 
     torch.set_num_threads(1)
-    fn = {"matmul": terms.gd, "naive": gd_naive, "task": task_ref}[impl]
+    if impl.startswith("sigmoid_chunk:"):
+        fn = sigmoid_chunked(int(impl.split(":")[1]))
+    else:
+        fn = {"matmul": terms.gd, "naive": gd_naive, "task": task_ref, "sigmoid_dense": sigmoid_dense}[impl]
     warm = _inputs(8, d, device, seed=1)  # load kernels / allocator pools before the baseline
     fn(warm[0], warm[1], 10.0, warm[2], warm[3], 50.0).backward()
     p_v, p_t, t_v, t_t = _inputs(g, d, device)
@@ -115,6 +138,17 @@ def bench_memory(g: int, d: int, device: str) -> list[str]:
             rows.append(f"| {impl} | {n} | {d} | {mib(memory_in_subprocess(key, n, d, device))} | {size} |")
     rows.append(f"| `gd`, naive G×d×G (not run: its G×d×G tensor alone) | {g} | {d} | ≥ {mib(4.0 * g * d * g)} | "
                 f"{mib(4.0 * g * d * g)} |")
+    return rows
+
+
+def bench_sigmoid_memory(d: int, chunk: int, device: str, sizes=(1024, 2048, 4096, 8192)) -> list[str]:
+    rows = [f"| G | d | chunked (ours, chunk = {chunk} rows) | dense (G×G logits kept by autograd) | dense / chunked "
+            "| one G×G float32 matrix |", "|---|---|---|---|---|---|"]
+    for g in sizes:
+        chunked = memory_in_subprocess(f"sigmoid_chunk:{chunk}", g, d, device)
+        dense = memory_in_subprocess("sigmoid_dense", g, d, device)
+        rows.append(f"| {g} | {d} | {mib(chunked)} | {mib(dense)} | {dense / max(chunked, 1):.1f} | "
+                    f"{mib(4.0 * g * g)} |")
     return rows
 
 
@@ -183,7 +217,8 @@ def main():
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--part", choices=["all", "memory", "time"], default="all")
+    ap.add_argument("--chunk", type=int, default=256, help="rows per chunk of the sigmoid terms in (c)")
+    ap.add_argument("--part", choices=["all", "memory", "time", "sigmoid"], default="all")
     ap.add_argument("--_mem", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._mem:
@@ -194,6 +229,9 @@ def main():
     if args.part in ("all", "memory"):
         print("\n(a) gd peak extra memory\n")
         print("\n".join(bench_memory(args.G, args.d, args.device)))
+    if args.part in ("all", "sigmoid"):
+        print("\n(c) task_siglip peak extra memory, chunked vs dense\n")
+        print("\n".join(bench_sigmoid_memory(args.d, args.chunk, args.device)))
     if args.part in ("all", "time"):
         print("\n(b) zero-weighted terms are not computed\n")
         print("\n".join(bench_time(args.G, args.d, args.reps, args.device)))

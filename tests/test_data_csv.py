@@ -114,7 +114,7 @@ class _PartialCache:
     def contains_keys(self, keys):
         return np.array([k in self.keys for k in keys], bool)
 
-    def sample_entry(self, key, caption, size, rng):
+    def sample_entry(self, key, caption, size, rng, caption_indices=(0,)):
         from training.teacher_cache import SampleNotCached
 
         if key not in self.keys:

@@ -242,7 +242,7 @@ class _PartialCache:
     def __contains__(self, key):
         return not key.endswith(("_001", "_002"))
 
-    def sample_entry(self, key, caption, size, rng):
+    def sample_entry(self, key, caption, size, rng, caption_indices=(0,)):
         from training.teacher_cache import SampleNotCached
 
         if key not in self:

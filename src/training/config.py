@@ -85,6 +85,9 @@ class DistillConfig:
     alpha_afd_loss: float | None = None
     kd_temperature: float = 1.0
     teacher_logit_scale: float | None = None
+    teacher_logit_scales: str | None = None  # "70,60": one scale per ensemble member
+    teacher_logit_biases: str | None = None  # "-10,-12": one sigmoid bias per member (sig_kd)
+    sigmoid_chunk: int = 1024  # rows per chunk of the sigmoid terms' pair matrix
     student_kd_logit_scale: float | None = None
     mask_ratio: float = 0.5
     feat_layers: str | None = None
@@ -121,6 +124,8 @@ class DataConfig:
     dataset_resampled: bool = False
     train_data_upsampling_factors: str | None = None
     wds_caption_key: str = "txt"
+    captions_per_step: int = 1  # 2: MobileCLIP's two-caption loss (docs/losses_impl.md)
+    datacompdr_teachers: str | None = None  # "768,768": shards in DataCompDR's layout, their teachers' widths
     wds_key_format: str = "auto"
     wds_shuffle_buffer: int = 5000
 

@@ -126,6 +126,14 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kd-temperature", type=float, default=1.0, help="softmax temperature of crd/xkd")
     g.add_argument("--teacher-logit-scale", type=float, default=None,
                    help="fixed teacher scale (instead of exp(teacher.logit_scale)); TinyCLIP uses 50")
+    g.add_argument("--teacher-logit-scales", default=None, metavar="S1,S2,...",
+                   help="fixed scale per --teacher member, e.g. 70,60 (MobileCLIP2): softmax and sigmoid terms")
+    g.add_argument("--teacher-logit-biases", default=None, metavar="B1,B2,...",
+                   help="fixed sigmoid bias per --teacher member for sig_kd (default: a SigLIP teacher's own); "
+                        "negative values need the = form: --teacher-logit-biases=-10,-12")
+    g.add_argument("--sigmoid-chunk", type=int, default=1024,
+                   help="rows of the pair matrix the sigmoid terms (task_siglip, sig_kd) evaluate at once: memory "
+                        "O(chunk x global batch)")
     g.add_argument("--student-kd-logit-scale", type=float, default=None,
                    help="fixed student scale inside the KD terms (TinyCLIP uses 50)")
     g.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden from the student (mfd)")
@@ -167,7 +175,15 @@ def add_data_source_flags(p: argparse.ArgumentParser) -> None:
                    help="WebDataset: per-source shard weights joined with '::' (one per '::' source of --train-data); "
                         "needs --dataset-resampled")
     g.add_argument("--wds-caption-key", default="txt",
-                   help="WebDataset caption: a tar member extension (txt), else this (dotted) field of the .json member")
+                   help="WebDataset caption: a tar member extension (txt), else this (dotted) field of the .json member; "
+                        "a comma list (txt,syn.txt) or a JSON list value gives several captions per image")
+    g.add_argument("--captions-per-step", type=int, default=1, choices=[1, 2],
+                   help="captions per image and step, drawn from its K captions by (seed, epoch, key): 2 computes "
+                        "every term for both and averages them (MobileCLIP's two-caption form)")
+    g.add_argument("--datacompdr-teachers", default=None, metavar="D1,D2,...",
+                   help="WebDataset shards in Apple's DataCompDR layout (syn.json, paug.json, npz, plus jpg/txt "
+                        "joined from DataComp): train from their stored teacher embeddings, of these widths "
+                        "(concatenated in the npz); needs --teacher-logit-scales; no --teacher is run")
     g.add_argument("--wds-key-format", default="auto", choices=["auto", "key", "shard"],
                    help="WebDataset sample keys: auto = __key__ (prefixed by the source folder with several sources), "
                         "key = bare __key__, shard = <shard stem>/__key__")
@@ -289,6 +305,7 @@ RANGES: dict[str, str] = {
     "kd_temperature": "(0, inf)",
     "teacher_logit_scale": "(0, inf)",
     "student_kd_logit_scale": "(0, inf)",
+    "sigmoid_chunk": "[1, inf)",
     "mask_ratio": "[0, 1)",
     "kd_teacher_member": "[0, inf)",
     # data
@@ -297,6 +314,7 @@ RANGES: dict[str, str] = {
     "synthetic_num_samples": "[1, inf)",
     "workers": "[0, inf)",
     "wds_shuffle_buffer": "[1, inf)",  # 1 = no shuffling
+    "captions_per_step": "[1, 2]",
     # optimisation
     "batch_size": "[1, inf)",
     "epochs": "[1, inf)",
@@ -366,12 +384,39 @@ def validate_args(args: argparse.Namespace) -> Config:
     if member is not None and teacher.models and member >= len(teacher.models):
         raise UsageError(f"--kd-teacher-member {member} is out of range for {len(teacher.models)} --teacher "
                          "model(s) (members count from 0)")
+    from .distill.spec import check_combinations, parse_member_values, resolve_spec
+
+    for flag, text in (("--teacher-logit-scales", distill.teacher_logit_scales),
+                       ("--teacher-logit-biases", distill.teacher_logit_biases)):
+        values = parse_member_values(text, flag)
+        if values is not None and teacher.models and len(values) != len(teacher.models):
+            raise UsageError(f"{flag} lists {len(values)} value(s) for {len(teacher.models)} --teacher model(s)")
+        if values is not None and flag == "--teacher-logit-scales" and not all(v > 0 for v in values):
+            raise UsageError(f"--teacher-logit-scales values must be > 0, got {text}")
+    if distill.teacher_logit_scales and distill.teacher_logit_scale is not None:
+        raise UsageError("--teacher-logit-scale and --teacher-logit-scales both fix the teacher scale: give one")
+    if config.data.datacompdr_teachers is not None:
+        from .data import dataset_type
+        from .data.datacompdr import parse_widths
+
+        widths = parse_widths(config.data.datacompdr_teachers)
+        if teacher.teacher or teacher.teacher_cache:
+            raise UsageError("--datacompdr-teachers trains from the embeddings stored in the shards: drop "
+                             "--teacher/--teacher-cache")
+        if dataset_type(config.data) != "webdataset":
+            raise UsageError("--datacompdr-teachers reads WebDataset shards (--dataset-type webdataset)")
+        scales = parse_member_values(distill.teacher_logit_scales, "--teacher-logit-scales")
+        if scales is None or len(scales) != len(widths):
+            raise UsageError(f"--datacompdr-teachers {config.data.datacompdr_teachers}: DataCompDR shards do not "
+                             f"store the teachers' logit scales; pass --teacher-logit-scales with {len(widths)} "
+                             "value(s) (e.g. 100,100)")
+    if config.data.captions_per_step > 1 and config.optim.accum_freq > 1:
+        raise UsageError("--captions-per-step 2 does not combine with --accum-freq > 1 yet (the cached micro-batch "
+                         "outputs hold one caption per image): use one of the two")
     if distill.local_loss and not distill.gather_with_grad:
         log.warning("--local-loss without --gather-with-grad: with more than one process the gradient through the "
                     "other ranks' features (the logit columns) is dropped, as in open_clip; add --gather-with-grad "
                     "for exact gradients")
-    from .distill.spec import check_combinations, resolve_spec
-
     spec = resolve_spec(distill.distill, distill.recipe, distill.overrides)  # a bad spec fails before any model loads
     check_combinations(spec.terms, distill.feat_layers)
     return config

@@ -21,7 +21,7 @@ def teacher_outputs(trainer, batch: dict, image: torch.Tensor, text: torch.Tenso
         return trainer.teacher.outputs_from_batch(batch, trainer.env.device)
     device, dtype = trainer.env.device, trainer.precision.batch_dtype
     t_image = batch["teacher_image"].to(device, dtype=dtype, non_blocking=True) if "teacher_image" in batch else image
-    t_text = batch["teacher_text"].to(device, non_blocking=True) if "teacher_text" in batch else text
+    t_text = batch_text(batch, "teacher_text").to(device, non_blocking=True) if "teacher_text" in batch else text
     return trainer.teacher(t_image, t_text)
 
 
@@ -32,10 +32,18 @@ def _all_ranks_finite(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
+def batch_text(batch: dict, name: str = "text") -> torch.Tensor:
+    """The batch's tokens; with a second caption per image (--captions-per-step 2) both, concatenated [2B, L],
+    so each model encodes them in its one forward."""
+    if f"{name}_2" in batch:
+        return torch.cat([batch[name], batch[f"{name}_2"]])
+    return batch[name]
+
+
 def model_inputs(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     device = trainer.env.device
     image = batch["image"].to(device, dtype=trainer.precision.batch_dtype, non_blocking=True)
-    return image, batch["text"].to(device, non_blocking=True)
+    return image, batch_text(batch).to(device, non_blocking=True)
 
 
 def student_forward(trainer, image: torch.Tensor, text: torch.Tensor, micro_batch: int = 0) -> dict:
@@ -49,13 +57,44 @@ def student_forward(trainer, image: torch.Tensor, text: torch.Tensor, micro_batc
     return trainer.model(image, text, mask_keys=keys)
 
 
+def _caption_halves(tree, n: int, half: int):
+    """Half `half` (0, 1) of every text-side tensor of `tree` whose rows are the two captions [2n, ...]."""
+    if isinstance(tree, dict):
+        return {k: _caption_halves(v, n, half) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_caption_halves(v, n, half) for v in tree)
+    return tree[half * n:(half + 1) * n] if torch.is_tensor(tree) and tree.ndim > 0 and tree.shape[0] == 2 * n else tree
+
+
 def distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
+    """The loss terms. With two captions per image (--captions-per-step 2: text rows [2B]) every term is computed
+    for the image with each caption and the two results averaged (MobileCLIP's two-caption loss)."""
+    n = student["image_features"].shape[0]
+    if trainer.config.data.captions_per_step == 2 and student["text_features"].shape[0] == 2 * n:
+        text_keys = ("text_features", "text_intermediates")
+        halves = []
+        for half in (0, 1):
+            s = {k: _caption_halves(v, n, half) if k in text_keys else v for k, v in student.items()}
+            t = None
+            if teacher is not None:
+                t = {k: _caption_halves(v, n, half) if k == "text_features" else v for k, v in teacher.items()}
+                if "intermediates" in teacher:
+                    t["intermediates"] = {**teacher["intermediates"],
+                                          "text": _caption_halves(teacher["intermediates"]["text"], n, half)}
+            halves.append(_distill_losses(trainer, s, t))
+        return {k: 0.5 * (halves[0][k] + halves[1][k]) for k in halves[0]}
+    return _distill_losses(trainer, student, teacher)
+
+
+def _distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
     return trainer.loss_fn(
         student_image=student["image_features"], student_text=student["text_features"],
         student_scale=student["logit_scale"],
         teacher_image=teacher["image_features"] if teacher else None,
         teacher_text=teacher["text_features"] if teacher else None,
         teacher_scale=teacher["logit_scales"] if teacher else None,
+        student_bias=student.get("logit_bias"),
+        teacher_bias=teacher.get("logit_biases") if teacher else None,
         step=trainer.step,
         student_intermediates={"image": student["image_intermediates"], "text": student["text_intermediates"]},
         teacher_intermediates=teacher.get("intermediates") if teacher else None,

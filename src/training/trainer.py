@@ -88,6 +88,8 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
 def open_teacher(config: Config, device: torch.device):
     """(teacher, its bundle, the cache): the live frozen teacher, or with --teacher-cache the stand-in that reads
     cached embeddings (no teacher is built or run; the bundle is then None)."""
+    if config.data.datacompdr_teachers:  # DataCompDR shards carry the teachers' embeddings (training/data/datacompdr.py)
+        return datacompdr_teacher(config), None, None
     if not config.teacher.teacher_cache:
         teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision)
         return teacher, bundle, None
@@ -99,6 +101,19 @@ def open_teacher(config: Config, device: torch.device):
                                 "cache does not store: drop feat from --distill or train without --teacher-cache")
     cache, teacher = open_for_training(config.teacher, config.data, shard_teacher=config.parallel.fsdp_shard_teacher)
     return teacher, None, cache
+
+
+def datacompdr_teacher(config: Config):
+    """The stand-in teacher of a DataCompDR run (the one a teacher cache uses): no model; widths from
+    --datacompdr-teachers, scales from --teacher-logit-scales, embeddings from the batch."""
+    from .data.datacompdr import parse_widths
+    from .distill.spec import parse_member_values
+    from .teacher_cache.reader import CachedTeacher
+
+    widths = parse_widths(config.data.datacompdr_teachers)
+    scales = parse_member_values(config.distill.teacher_logit_scales, "--teacher-logit-scales")
+    return CachedTeacher({"teachers": [{"name": f"datacompdr/{m}", "embed_dim": d, "logit_scale": s}
+                                       for m, (d, s) in enumerate(zip(widths, scales))]})
 
 
 def student_forward_module(student, loss_fn, teacher, distill: DistillConfig, device: torch.device) -> StudentModel:
@@ -113,6 +128,19 @@ def student_forward_module(student, loss_fn, teacher, distill: DistillConfig, de
         forward.image_layers, forward.text_layers = layers.get("image"), layers.get("text")
         teacher.set_intermediate_layers(loss_fn.feat_layers_for("teacher"), member=distill.kd_teacher_member or 0)
     return forward
+
+
+def check_teacher_biases(loss_fn, teacher) -> None:
+    """A sigmoid KD term needs each teacher member's logit bias: a SigLIP teacher's own, or --teacher-logit-biases;
+    a CLIP teacher has none, and a bias is never guessed."""
+    if not loss_fn.needs_teacher_bias or loss_fn.teacher_logit_biases is not None:
+        return
+    missing = [name for name, b in zip(getattr(teacher, "names", None) or range(len(teacher.logit_biases)),
+                                       teacher.logit_biases) if b is None]
+    if missing:
+        raise UsageError(f"the sigmoid KD term needs the teacher's logit bias, and teacher member(s) "
+                         f"{', '.join(map(str, missing))} have none (a CLIP teacher): pass --teacher-logit-biases "
+                         "(one per --teacher member), or use a SigLIP teacher")
 
 
 class Trainer:
@@ -138,6 +166,7 @@ class Trainer:
                                            student_model=self.student, teacher_model=members).to(env.device)
         if self.loss_fn.needs_teacher and self.teacher is None:
             raise UsageError("the --distill spec has teacher terms but no --teacher was given")
+        check_teacher_biases(self.loss_fn, self.teacher)
         self.loss_fn.sync_()
         logging.info("distillation: %s", self.loss_fn.describe())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import DataConfig
 from ..errors import TeacherCacheError, UsageError
 from .common import DataInfo, DataTransforms, collate, make_sample
@@ -28,6 +30,8 @@ def get_data(data: DataConfig, transforms: DataTransforms, *, seed: int, epoch: 
              image_size: int = 224) -> dict[str, DataInfo]:
     """{"train": DataInfo} for the configured source (evaluation sets are read by training.eval)."""
     kind = dataset_type(data)
+    if data.captions_per_step != transforms.captions_per_step:
+        transforms = dataclasses.replace(transforms, captions_per_step=data.captions_per_step)
     if kind == "synthetic":
         from .synthetic import get_synthetic_dataset
 

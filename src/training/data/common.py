@@ -3,6 +3,7 @@ batch collate."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,8 +40,10 @@ class TeacherJoin(Protocol):
     def contains_keys(self, keys: Sequence[str]) -> np.ndarray:
         """Boolean mask of the keys it holds."""
 
-    def sample_entry(self, key: str, caption: str, image_size: tuple[int, int], rng: random.Random | None) -> dict:
-        """{"view": ViewParams to replay, teacher_* tensors}; raises SampleNotCached (skip) or TeacherCacheError."""
+    def sample_entry(self, key: str, caption, image_size: tuple[int, int], rng: random.Random | None,
+                     caption_indices: Sequence[int] = (0,)) -> dict:
+        """{"view": ViewParams to replay, teacher_* tensors (the text embeddings of the drawn captions: `_2` for the
+        second)}; raises SampleNotCached (skip) or TeacherCacheError."""
 
 
 @dataclass
@@ -61,6 +64,7 @@ class DataTransforms:
     train_views: Callable | None = None
     val_views: Callable | None = None
     teacher_cache: TeacherJoin | None = None  # under --teacher-cache (train split only)
+    captions_per_step: int = 1  # --captions-per-step: 2 adds a second caption per image (MobileCLIP's two-caption loss)
 
     def for_split(self, is_train: bool) -> tuple[Callable, Callable | None]:
         if is_train:
@@ -73,15 +77,69 @@ def sample_rng(seed: int, epoch: int, key: str) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{key}")
 
 
-def make_sample(image, caption: str, key: str, transforms: DataTransforms, is_train: bool,
-                rng: random.Random | None = None) -> dict[str, Any]:
-    """Turn one decoded PIL image + caption into the model inputs (teacher tensors only when they differ)."""
+Captions = str | Sequence[str]  # one caption, or a sample's K captions (a JSON list cell, several WebDataset keys)
+
+
+def as_captions(caption: Captions) -> list[str]:
+    """A sample's captions as a list (one caption -> a list of one)."""
+    return [caption] if isinstance(caption, str) else list(caption)
+
+
+def parse_caption_list(text: str) -> str | list[str]:
+    """A caption cell: a JSON list of strings (`["a cat", "a small cat"]`) is several captions, blank ones dropped;
+    any other text (also text that merely starts with '[') is one caption."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]")):
+        return text
+    try:
+        value = json.loads(stripped)
+    except ValueError:
+        return text
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return text
+    captions = [v.strip() for v in value if v.strip()]
+    return captions[0] if len(captions) == 1 else captions
+
+
+def caption_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The caption draw's RNG: a function of (seed, epoch, sample key) only, like `sample_rng`, but its own stream,
+    so drawing captions leaves the augmentation draws of single-caption data unchanged."""
+    return random.Random(f"{seed}/{epoch}/{key}/caption")
+
+
+def draw_captions(count: int, per_step: int, rng: random.Random | None) -> list[int]:
+    """Indices of the captions a step uses: one drawn uniformly (`per_step` 1), or two distinct ones (2; a sample
+    with a single caption uses it twice). Without an RNG (evaluation) the first ones."""
+    if count < 1:
+        raise ValueError("a sample needs at least one caption")
+    if rng is None or count == 1:
+        return [min(i, count - 1) for i in range(per_step)]
+    first = rng.randrange(count)
+    if per_step == 1:
+        return [first]
+    second = rng.randrange(count - 1)
+    return [first, second + (second >= first)]
+
+
+def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, is_train: bool,
+                rng: random.Random | None = None, captions_rng: random.Random | None = None,
+                teacher_entry: dict | None = None, caption_indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """Turn one decoded PIL image + its caption(s) into the model inputs (teacher tensors only when they differ).
+
+    Several captions: `draw_captions` picks `transforms.captions_per_step` of them with `captions_rng`; the first goes
+    to `text`, the second (if any) to `text_2`, and `caption_index` records which were drawn. A source that carries
+    its own teacher embeddings (DataCompDR shards) passes the drawn `teacher_entry` (as a cache's `sample_entry`
+    returns it) and its `caption_indices`."""
     views = transforms.train_views if is_train else transforms.val_views
-    cached = None
-    if is_train and transforms.teacher_cache is not None:  # replay the view the teacher embedded, join its targets
+    captions = as_captions(caption)
+    chosen = list(caption_indices) if caption_indices is not None else \
+        draw_captions(len(captions), transforms.captions_per_step, captions_rng if is_train else None)
+    cached = dict(teacher_entry) if is_train and teacher_entry is not None else None
+    if cached is None and is_train and transforms.teacher_cache is not None:  # replay the view the teacher embedded, join its targets
         if views is None:
             raise ValueError("a teacher cache needs DataTransforms.train_views (PairedViews) to replay its views")
-        cached = transforms.teacher_cache.sample_entry(key, caption, image.size, rng if rng is not None else views.rng)
+        cached = transforms.teacher_cache.sample_entry(key, caption, image.size, rng if rng is not None else views.rng,
+                                                       caption_indices=chosen)
     if views is not None:
         sample = views(image, view=cached.pop("view") if cached else None, rng=rng)
     else:
@@ -89,10 +147,13 @@ def make_sample(image, caption: str, key: str, transforms: DataTransforms, is_tr
         sample = {"image": student_tf(image)}
         if teacher_tf is not None:
             sample["teacher_image"] = teacher_tf(image)
-    sample["text"] = transforms.tokenizer([caption])[0]
+    for i, c in enumerate(chosen):
+        suffix = "" if i == 0 else f"_{i + 1}"  # text, text_2
+        sample["text" + suffix] = transforms.tokenizer([captions[c]])[0]
+        if transforms.teacher_tokenizer is not None:
+            sample["teacher_text" + suffix] = transforms.teacher_tokenizer([captions[c]])[0]
+    sample["caption_index"] = torch.tensor(chosen, dtype=torch.long)  # [captions_per_step]
     sample["key"] = key
-    if transforms.teacher_tokenizer is not None:
-        sample["teacher_text"] = transforms.teacher_tokenizer([caption])[0]
     if cached:
         sample.update(cached)  # teacher_image_emb, teacher_text_emb, teacher_view_index
     return sample

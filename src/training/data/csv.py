@@ -1,5 +1,8 @@
 """CSV image–caption data (open_clip / CLIP-KD format: `filepath<TAB>title`, paths relative to --data-root).
 
+A caption cell holding a JSON list of strings (`["a cat", "a small cat"]`) gives the row several captions; each
+epoch draws one (two with --captions-per-step 2) from (seed, epoch, key), so a resume draws the same.
+
 Bad rows never crash training and never shrink a batch: an empty caption is dropped at load time, and a missing or
 corrupt image is replaced by the next good row of the same file; both are counted and reach the logs through the
 batch's `skipped` field.
@@ -29,8 +32,10 @@ from .common import (
     DataInfo,
     DataTransforms,
     TeacherJoin,
+    caption_rng,
     collate,
     make_sample,
+    parse_caption_list,
     sample_rng,
 )
 
@@ -38,8 +43,9 @@ _MAX_SUBSTITUTES = 64
 
 
 def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, caption_key: str,
-                   sep: str) -> tuple[list[str], list[str], list[str], Counter]:
-    """Load and concatenate CSVs; returns (image paths, captions, keys, counts of dropped rows)."""
+                   sep: str) -> tuple[list[str], list, list[str], Counter]:
+    """Load and concatenate CSVs; returns (image paths, captions, keys, counts of dropped rows). A caption is a
+    string, or a list of strings for a cell holding a JSON list (`["a cat", "a small cat"]`)."""
     if roots and len(roots) not in (1, len(paths)):
         raise UsageError(f"--data-root lists {len(roots)} roots for {len(paths)} CSV files; give one, or one per CSV")
     images, captions, keys = [], [], []
@@ -59,11 +65,12 @@ def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, capt
                                  f"set --csv-img-key/--csv-caption-key/--csv-separator")
         stem = os.path.splitext(os.path.basename(path))[0]
         for row, (img, cap) in enumerate(zip(df[img_key].tolist(), df[caption_key].tolist())):
-            if not str(cap).strip():
+            cap = parse_caption_list(str(cap))  # a JSON list cell holds several captions
+            if not (cap.strip() if isinstance(cap, str) else cap):
                 dropped["empty_caption"] += 1
                 continue
             images.append(os.path.join(root, img) if root and not os.path.isabs(img) else img)
-            captions.append(str(cap))
+            captions.append(cap)
             keys.append(f"{stem}/{row}")
     if not images:
         raise UsageError(f"no usable rows in {', '.join(paths)}")
@@ -138,7 +145,8 @@ class CsvDataset(Dataset):
                 continue
             rng = sample_rng(self.seed, epoch, self.keys[j])
             try:
-                sample = make_sample(image, self.captions[j], self.keys[j], self.transforms, self.is_train, rng)
+                sample = make_sample(image, self.captions[j], self.keys[j], self.transforms, self.is_train, rng,
+                                     caption_rng(self.seed, epoch, self.keys[j]))
             except Exception as exc:  # a sample the teacher cache lacks (--cache-missing skip) is skipped, counted
                 if getattr(exc, "skip_reason", None) is None:
                     raise

@@ -34,11 +34,15 @@ from .spec import (
     ResolvedSpec,
     SpecError,
     WeightSchedule,
+    parse_member_values,
     parse_schedule,
     parse_spec,
     resolve_spec,
 )
+from .terms import SIGMOID_CHUNK
 from .views import Views, as_list
+
+COMPAT_RAW_SCALES = ("icl_logit_scale", "afd_logit_scale")  # --kd-compat clipkd: CLIP-KD's raw, unclamped multipliers
 
 
 class DistillLoss(nn.Module):
@@ -54,7 +58,9 @@ class DistillLoss(nn.Module):
                  teacher_logit_scale: float | None = None, student_kd_logit_scale: float | None = None,
                  mask_ratio: float = 0.5, feat_layers: Sequence[FeatPair] | None = None, emb_metric: str = "mse",
                  teacher_member: int | None = None, auto_balance: str = "none", compat: str = "none",
-                 crd_soft_ce: bool = False, seed: int = 0):
+                 crd_soft_ce: bool = False, seed: int = 0, teacher_logit_scales: Sequence[float] | None = None,
+                 teacher_logit_biases: Sequence[float] | None = None, sigmoid_chunk: int = SIGMOID_CHUNK,
+                 student_logit_bias: bool = False):
         super().__init__()
         if isinstance(spec, ResolvedSpec):
             spec = spec.terms
@@ -83,6 +89,16 @@ class DistillLoss(nn.Module):
         for flag, v in (("teacher logit scale", teacher_logit_scale), ("student kd logit scale", student_kd_logit_scale)):
             if v is not None and not v > 0:
                 raise SpecError(f"{flag} must be > 0, got {v}")
+        if teacher_logit_scales is not None and teacher_logit_scale is not None:
+            raise SpecError("give the teacher logit scale once: a fixed scale for every member, or one per member")
+        for what, values in (("teacher logit scales", teacher_logit_scales),
+                             ("teacher logit biases", teacher_logit_biases)):
+            if values is not None and (not len(values) or not all(math.isfinite(float(x)) for x in values)):
+                raise SpecError(f"{what} must be finite numbers, one per teacher member, got {values!r}")
+        if teacher_logit_scales is not None and not all(float(x) > 0 for x in teacher_logit_scales):
+            raise SpecError(f"teacher logit scales must be > 0, got {list(teacher_logit_scales)}")
+        if int(sigmoid_chunk) < 1:
+            raise SpecError(f"sigmoid chunk must be >= 1, got {sigmoid_chunk}")
         masked = [n for n in self.schedules if REGISTRY[n].masked_view]
         if masked and not 0.0 < mask_ratio < 1.0:
             raise SpecError(f"{masked[0]} needs 0 < mask ratio < 1, got {mask_ratio}")
@@ -91,6 +107,10 @@ class DistillLoss(nn.Module):
         self.kd_temperature = float(kd_temperature)
         self.teacher_logit_scale = teacher_logit_scale
         self.student_kd_logit_scale = student_kd_logit_scale
+        self.teacher_logit_scales = None if teacher_logit_scales is None else [float(x) for x in teacher_logit_scales]
+        self.teacher_logit_biases = None if teacher_logit_biases is None else [float(x) for x in teacher_logit_biases]
+        self.sigmoid_chunk = int(sigmoid_chunk)
+        self.student_logit_bias = bool(student_logit_bias)
         self.emb_metric = emb_metric
         self.compat = compat
         self.auto_balance = auto_balance
@@ -106,6 +126,7 @@ class DistillLoss(nn.Module):
             raise SpecError(f"student_dim must be a positive int, got {student_dim!r}")
         self.needs_teacher = needs(active, "teacher")
         self.needs_teacher_scale = needs(active, "teacher_scale")
+        self.needs_teacher_bias = needs(active, "teacher_bias")
         self.needs_teacher_internals = needs(active, "teacher_internals")
         self.needs_intermediates = needs(active, "intermediates")
         self.student_dim = student_dim
@@ -113,6 +134,10 @@ class DistillLoss(nn.Module):
         if self.needs_teacher and (not dims or any(d <= 0 for d in dims)):
             raise SpecError(f"spec needs a teacher but teacher_dim is {teacher_dim!r}")
         self.teacher_dims = dims
+        for what, values in (("teacher logit scales", self.teacher_logit_scales),
+                             ("teacher logit biases", self.teacher_logit_biases)):
+            if values is not None and dims and len(values) != len(dims):
+                raise SpecError(f"{len(values)} {what} for {len(dims)} teacher(s): give one per member")
         if teacher_member is not None and not 0 <= teacher_member < max(len(dims), 1):
             raise SpecError(f"teacher member {teacher_member} out of range for {len(dims)} teacher(s)")
         self.teacher_member = teacher_member
@@ -134,7 +159,8 @@ class DistillLoss(nn.Module):
             self.feat_pairs = list(feat_layers)
 
         # ---- loss-side parameters (seeded: identical on every rank even before sync_()) -------------------
-        shapes = Shapes(student_dim, d_t, self.feat_pairs, torch.Generator().manual_seed(int(seed)))
+        shapes = Shapes(student_dim, d_t, self.feat_pairs, torch.Generator().manual_seed(int(seed)),
+                        self.student_logit_bias)
         used = {p.name for p in params_of(active)}
         for param in all_params():  # every declared name exists (None when unused), in registry order
             setattr(self, param.name, param.build(shapes) if param.name in used else None)
@@ -157,6 +183,13 @@ class DistillLoss(nn.Module):
             parts.append(f"teacher scale={self.teacher_logit_scale:g}")
         if self.student_kd_logit_scale is not None:
             parts.append(f"student kd scale={self.student_kd_logit_scale:g}")
+        if self.teacher_logit_scales is not None:
+            parts.append("teacher scales=" + "/".join(f"{x:g}" for x in self.teacher_logit_scales))
+        if self.teacher_logit_biases is not None:
+            parts.append("teacher biases=" + "/".join(f"{x:g}" for x in self.teacher_logit_biases))
+        if any("sigmoid_chunk" in REGISTRY[n].options for n in self.schedules):
+            owner = "the student's" if self.student_logit_bias else "loss-side"
+            parts.append(f"sigmoid scale/bias: {owner}, chunk={self.sigmoid_chunk}")
         if len(self.teacher_dims) > 1:
             member = "concatenation" if self.teacher_member is None else f"member {self.teacher_member}"
             parts.append(f"{len(self.teacher_dims)} teachers (feature terms: {member})")
@@ -230,9 +263,10 @@ class DistillLoss(nn.Module):
     def clamp_scales_(self) -> None:
         """Clamp the learnable scales' parameters, as open_clip clamps logit_scale: clamping exp(p) in the forward
         instead would give p zero gradient outside the bounds, so a scale that crossed one would stay there."""
-        if self.compat == "clipkd":
-            return
-        for param in (getattr(self, name) for name in self._scale_names):
+        for name in self._scale_names:
+            param = getattr(self, name)
+            if self.compat == "clipkd" and name in COMPAT_RAW_SCALES:
+                continue
             if param is not None:
                 param.clamp_(0.0, math.log(100.0))
 
@@ -240,10 +274,11 @@ class DistillLoss(nn.Module):
     def forward(self, student_image: torch.Tensor, student_text: torch.Tensor, student_scale,
                 teacher_image=None, teacher_text=None, teacher_scale=None, step: int = 0,
                 student_intermediates: dict | None = None, teacher_intermediates: dict | None = None,
-                student_image_masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                student_image_masked: torch.Tensor | None = None, student_bias=None,
+                teacher_bias=None) -> dict[str, torch.Tensor]:
         weights = {k: w for k, w in self.schedule_weights(step).items() if w != 0.0}
         ctx = Views(self, student_image, student_text, student_scale, teacher_image, teacher_text, teacher_scale,
-                    student_image_masked, student_intermediates, teacher_intermediates)
+                    student_image_masked, student_intermediates, teacher_intermediates, student_bias, teacher_bias)
         raw = {name: REGISTRY[name].fn(ctx) for name in weights}
         out: dict[str, torch.Tensor] = {}
         total = 0.0 * ctx.ls.sum() if isinstance(ctx.ls, torch.Tensor) and ctx.ls.requires_grad else 0.0
@@ -282,7 +317,8 @@ def create_distill_loss(distill: DistillConfig, student_dim: int, teacher_dims: 
                         seed: int, student_model: nn.Module | None = None,
                         teacher_model: nn.Module | Sequence[nn.Module] | None = None) -> DistillLoss:
     """DistillLoss from the distillation section. `student_model`/`teacher_model` (unwrapped open_clip models; a
-    list for an ensemble) are needed only by terms that take intermediate tokens (feat), to resolve layer widths.
+    list for an ensemble) are needed by terms that take intermediate tokens (feat), to resolve layer widths; a
+    `student_model` with a logit_bias (open_clip SigLIP) gives the sigmoid terms its own scale and bias.
     Explicit options win over the recipe's defaults."""
     spec = resolve_spec(distill.distill, distill.recipe, distill.overrides)
     opts = spec.options
@@ -300,6 +336,10 @@ def create_distill_loss(distill: DistillConfig, student_dim: int, teacher_dims: 
         compat=distill.kd_compat or "none",
         crd_soft_ce=bool(opts.get("crd_soft_ce", False)),
         seed=int(seed or 0),
+        teacher_logit_scales=parse_member_values(distill.teacher_logit_scales, "--teacher-logit-scales"),
+        teacher_logit_biases=parse_member_values(distill.teacher_logit_biases, "--teacher-logit-biases"),
+        sigmoid_chunk=int(distill.sigmoid_chunk),
+        student_logit_bias=has_logit_bias(student_model),
     )
     if spec.needs("intermediates"):
         if student_model is None or teacher_model is None:
@@ -319,3 +359,8 @@ def _first(*values):
         if v is not None:
             return v
     return None
+
+
+def has_logit_bias(model: nn.Module | None) -> bool:
+    """Whether an open_clip model carries a learnable logit bias (SigLIP-style models do)."""
+    return model is not None and getattr(model, "logit_bias", None) is not None

@@ -10,6 +10,7 @@ A new loss is one function plus one registration (add its math to terms.py and d
 first use. What a registration declares:
 - `teacher`: the term reads teacher outputs (a run without --teacher refuses it);
 - `teacher_scale`: it reads the teacher's logit scale (or --teacher-logit-scale);
+- `teacher_bias`: it reads the teacher's logit bias (a SigLIP teacher's, or --teacher-logit-biases);
 - `teacher_internals`: it needs a live teacher's internals (a teacher-embedding cache cannot serve it);
 - `intermediates`: both models return the tokens of the resolved `feat_layers` pairs from their one forward;
 - `masked_view`: the student's image forward is masked (--mask-ratio); only ViT students can;
@@ -31,6 +32,7 @@ from . import terms as T
 from .views import Views, tokens, upcast
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # 2.659260: log of CLIP's 1/0.07; CLIP-KD used this value as a raw multiplier
+SIGLIP_INIT_LOGIT_SCALE, SIGLIP_INIT_LOGIT_BIAS = math.log(10.0), -10.0  # SigLIP (Zhai et al. 2023): t' = log 10, b = -10
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Shapes:
     teacher_dim: int  # the feature-level teacher: one member, or the concatenation of an ensemble
     feat_pairs: list
     generator: torch.Generator
+    student_logit_bias: bool = False  # the student model has its own sigmoid scale and bias (an open_clip SigLIP)
 
     def linear(self, d_in: int, d_out: int) -> nn.Linear:
         layer = nn.Linear(d_in, d_out)
@@ -77,6 +80,11 @@ ICL_SCALE = Param("icl_logit_scale", _scale, scale=True)  # shared by icl and xk
 AFD_SCALE = Param("afd_logit_scale", _scale, scale=True)
 AFD_FUSE_IMAGE = Param("afd_fuse_image", lambda s: s.linear(2 * s.teacher_dim, s.teacher_dim))
 AFD_FUSE_TEXT = Param("afd_fuse_text", lambda s: s.linear(2 * s.teacher_dim, s.teacher_dim))
+# the sigmoid terms' student scale (log space) and bias, for a student without its own: SigLIP's init
+SIGLIP_SCALE = Param("siglip_logit_scale", lambda s: None if s.student_logit_bias else
+                     nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_SCALE)), scale=True)
+SIGLIP_BIAS = Param("siglip_logit_bias", lambda s: None if s.student_logit_bias else
+                    nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS)))
 FEAT_PROJ = Param("feat_proj", lambda s: nn.ModuleList(s.linear(p.student_width, p.teacher_width)
                                                        for p in s.feat_pairs))
 
@@ -88,6 +96,7 @@ class Term:
     fn: Callable[[Views], torch.Tensor]
     teacher: bool = True
     teacher_scale: bool = False
+    teacher_bias: bool = False
     teacher_internals: bool = False
     intermediates: bool = False
     masked_view: bool = False
@@ -246,3 +255,20 @@ def feat(v: Views):
         mean = distributed.reduce_sum(value.detach()) / v.world
         value = value + (mean - value.detach())
     return value
+
+
+# sigmoid terms (registered after the others: the registry order is the state_dict and seeded-init order)
+
+@register("task_siglip", "SigLIP sigmoid loss of the student on ground-truth pairs (a drop-in for task)",
+          teacher=False, params=(SIGLIP_SCALE, SIGLIP_BIAS), options=("sigmoid_chunk",))
+def task_siglip(v: Views):
+    scale, bias = v.student_sigmoid()
+    return T.task_siglip(v.n("v", "rows"), v.n("t", "cols"), scale, bias, v.labels(), v.loss.sigmoid_chunk)
+
+
+@register("sig_kd", "sigmoid KD: BCE between the teacher's and the student's pairwise sigmoid probabilities",
+          teacher_scale=True, teacher_bias=True, params=(SIGLIP_SCALE, SIGLIP_BIAS), options=("sigmoid_chunk",))
+def sig_kd(v: Views):
+    scale, bias = v.student_sigmoid()
+    return T.sig_kd(v.n("v", "rows"), v.n("t", "cols"), scale, bias, v.teacher_members("v", "rows"),
+                    v.teacher_members("t", "cols"), v.lt, v.teacher_biases(), v.loss.sigmoid_chunk)

@@ -227,6 +227,19 @@ def resolve_spec(distill: str | None = None, recipe: str | None = None,
     return ResolvedSpec(terms=terms, options=options, source=source)
 
 
+def parse_member_values(text: str | None, flag: str) -> list[float] | None:
+    """'70,60' -> [70.0, 60.0]: one value per teacher ensemble member (--teacher-logit-scales/-biases)."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        values = [float(x) for x in str(text).split(",")]
+    except ValueError:
+        raise SpecError(f"bad {flag} '{text}': expected comma-separated numbers, one per --teacher member") from None
+    if not all(math.isfinite(v) for v in values):
+        raise SpecError(f"bad {flag} '{text}': values must be finite")
+    return values
+
+
 def parse_feat_layers(text: str | None) -> dict[str, list[tuple[int, int]]] | None:
     """'--feat-layers' -> {tower: [(student_layer, teacher_layer), ...]}.
 

@@ -179,3 +179,97 @@ def feat(student_tokens: Sequence[Tensor], teacher_tokens: Sequence[Tensor], wei
     if not losses:
         raise ValueError("feat: no layer pairs")
     return torch.stack(losses).mean()
+
+
+# ---- sigmoid (SigLIP) terms ---------------------------------------------------------------------------------------
+
+SIGMOID_CHUNK = 1024  # rows of the pair matrix evaluated at once: memory O(chunk·G)
+
+
+class _SigmoidPairs(torch.autograd.Function):
+    """Σ_{i,j} [softplus(X_ij) − T_ij·X_ij] over X = scale·a bᵀ + bias (rows a, columns b), with targets T made per
+    chunk of rows by `targets(i0, i1)` (no grad). Rows are evaluated `chunk` at a time and the backward recomputes
+    each chunk's logits, so no rows×cols tensor outlives a chunk: ∂/∂X = σ(X) − T."""
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, targets, chunk):
+        ctx.save_for_backward(a, b, scale, bias)
+        ctx.targets, ctx.chunk = targets, chunk
+        total = a.new_zeros(())
+        with torch.autocast(a.device.type, enabled=False):
+            for i0 in range(0, a.shape[0], chunk):
+                i1 = min(i0 + chunk, a.shape[0])
+                x = scale * (a[i0:i1] @ b.t()) + bias
+                total = total + (F.softplus(x) - targets(i0, i1) * x).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, scale, bias = ctx.saved_tensors
+        grad_a = torch.empty_like(a)
+        grad_b = torch.zeros_like(b)
+        grad_scale = scale.new_zeros(())
+        grad_bias = bias.new_zeros(())
+        with torch.autocast(a.device.type, enabled=False):
+            for i0 in range(0, a.shape[0], ctx.chunk):
+                i1 = min(i0 + ctx.chunk, a.shape[0])
+                sim = a[i0:i1] @ b.t()
+                d = (torch.sigmoid(scale * sim + bias) - ctx.targets(i0, i1)) * grad
+                grad_a[i0:i1] = scale * (d @ b)
+                grad_b += scale * (d.t() @ a[i0:i1])
+                grad_scale = grad_scale + (d * sim).sum()
+                grad_bias = grad_bias + d.sum()
+        return grad_a, grad_b, grad_scale.reshape(scale.shape), grad_bias.reshape(bias.shape), None, None
+
+
+def _as_tensor(x: Scale, like: Tensor) -> Tensor:
+    return x.to(like.dtype) if isinstance(x, Tensor) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
+
+
+def sigmoid_pair_loss(rows: Tensor, cols: Tensor, scale: Scale, bias: Scale, targets, chunk: int = SIGMOID_CHUNK
+                      ) -> Tensor:
+    """(1/rows)·Σ_{i,j} [softplus(X_ij) − T_ij·X_ij], X = scale·rows colsᵀ + bias: binary cross-entropy of every
+    pair against targets T ∈ [0, 1] (`targets(i0, i1)` -> the [i1−i0, cols] block), evaluated in chunks of rows."""
+    if chunk < 1:
+        raise ValueError(f"sigmoid chunk must be >= 1, got {chunk}")
+    total = _SigmoidPairs.apply(rows, cols, _as_tensor(scale, rows), _as_tensor(bias, rows), targets, int(chunk))
+    return total / rows.shape[0]
+
+
+def pair_targets(labels: Tensor, n_cols: int, dtype: torch.dtype):
+    """targets(i0, i1) of the ground-truth pairs: 1 at (i, labels[i]), 0 elsewhere."""
+    def targets(i0: int, i1: int) -> Tensor:
+        t = torch.zeros(i1 - i0, n_cols, dtype=dtype, device=labels.device)
+        t[torch.arange(i1 - i0, device=labels.device), labels[i0:i1]] = 1.0
+        return t
+    return targets
+
+
+def teacher_sigmoid_targets(t_v_rows, t_t_cols, t_scale, t_bias):
+    """targets(i0, i1) = mean over members of σ(lt·t_v t_tᵀ + b_T) on those rows (one entry per member in each
+    sequence: each member keeps its own scale and bias; the probabilities are averaged after the sigmoid)."""
+    v_rows, t_cols, scales, biases = map(_as_list, (t_v_rows, t_t_cols, t_scale, t_bias))
+    if not len(v_rows) == len(t_cols) == len(scales) == len(biases):
+        raise ValueError("teacher ensemble: every teacher argument needs one entry per member")
+
+    def targets(i0: int, i1: int) -> Tensor:
+        with torch.no_grad():
+            p = 0.0
+            for vr, tc, sc, b in zip(v_rows, t_cols, scales, biases):
+                p = p + torch.sigmoid(sc * vr[i0:i1] @ tc.t() + b)
+            return p / len(scales)
+    return targets
+
+
+def task_siglip(n_v_rows: Tensor, n_t_cols: Tensor, scale: Scale, bias: Scale, labels: Tensor,
+                chunk: int = SIGMOID_CHUNK) -> Tensor:
+    """(1/rows)·Σ_{i,j} softplus(−z_ij·X_ij), X = t_S·n_v n_tᵀ + b_S, z = +1 on the ground-truth pairs: SigLIP."""
+    return sigmoid_pair_loss(n_v_rows, n_t_cols, scale, bias, pair_targets(labels, n_t_cols.shape[0], n_v_rows.dtype),
+                             chunk)
+
+
+def sig_kd(n_v_rows: Tensor, n_t_cols: Tensor, scale: Scale, bias: Scale, t_v_rows, t_t_cols, t_scale, t_bias,
+           chunk: int = SIGMOID_CHUNK) -> Tensor:
+    """(1/rows)·Σ_{i,j} BCE(Q_ij, σ(X_ij)), Q = the teachers' averaged sigmoid probabilities."""
+    return sigmoid_pair_loss(n_v_rows, n_t_cols, scale, bias, teacher_sigmoid_targets(t_v_rows, t_t_cols, t_scale,
+                                                                                      t_bias), chunk)

@@ -44,13 +44,14 @@ class Views:
     """The inputs of one loss call, as the term functions read them (see the module docstring)."""
 
     def __init__(self, loss, s_v, s_t, ls, t_v, t_t, lt, s_v_masked, student_intermediates=None,
-                 teacher_intermediates=None):
+                 teacher_intermediates=None, s_bias=None, t_bias=None):
         self.loss = loss
         self.student_intermediates, self.teacher_intermediates = student_intermediates, teacher_intermediates
         self.rank, self.world = distributed.world_info()
         self.s_v, self.s_t = upcast(s_v), upcast(s_t)
         self.s_vm = upcast(s_v_masked) if s_v_masked is not None else None
         self.ls = upcast(ls) if isinstance(ls, torch.Tensor) else ls
+        self.s_bias = upcast(s_bias) if isinstance(s_bias, torch.Tensor) else s_bias
         dtype = self.s_v.dtype
         self.batch = s_v.shape[0]
         self.device = s_v.device
@@ -68,7 +69,12 @@ class Views:
             if [x.shape[-1] for x in self.t_v] != dims or [x.shape[-1] for x in self.t_t] != dims:
                 raise ValueError(f"teacher feature widths {[x.shape[-1] for x in self.t_v]} do not match "
                                  f"teacher_dim {dims}")
-            if loss.teacher_logit_scale is not None:
+            if loss.teacher_logit_scales is not None:  # per member (MobileCLIP2's 70/60)
+                if len(loss.teacher_logit_scales) != k:
+                    raise ValueError(f"teacher_logit_scales has {len(loss.teacher_logit_scales)} entries for "
+                                     f"{k} teacher(s)")
+                self.lt = [torch.tensor(float(x), dtype=dtype, device=self.device) for x in loss.teacher_logit_scales]
+            elif loss.teacher_logit_scale is not None:
                 self.lt = [torch.tensor(float(loss.teacher_logit_scale), dtype=dtype, device=self.device)] * k
             elif lt is None:
                 if loss.needs_teacher_scale:
@@ -77,7 +83,42 @@ class Views:
             else:
                 scales = [torch.as_tensor(x, device=self.device).detach().to(dtype) for x in as_list(lt)]
                 self.lt = scales * k if len(scales) == 1 else scales
+            self.lb = self._teacher_bias_values(t_bias, k, dtype)
         self.s_kd = (loss.student_kd_logit_scale if loss.student_kd_logit_scale is not None else self.ls)
+
+    def _teacher_bias_values(self, t_bias, k: int, dtype) -> list:
+        """Per member: the option's bias, else the teacher's own (None for a member without one)."""
+        fixed = self.loss.teacher_logit_biases
+        if fixed is not None:
+            if len(fixed) != k:
+                raise ValueError(f"teacher_logit_biases has {len(fixed)} entries for {k} teacher(s)")
+            return [torch.tensor(float(x), dtype=dtype, device=self.device) for x in fixed]
+        given = as_list(t_bias) if t_bias is not None else [None]
+        given = given * k if len(given) == 1 else given
+        if len(given) != k:
+            raise ValueError(f"teacher_bias has {len(given)} entries for {k} teacher(s)")
+        return [None if b is None else torch.as_tensor(b, device=self.device).detach().to(dtype) for b in given]
+
+    def student_sigmoid(self):
+        """(scale, bias) of the student's sigmoid logits: a SigLIP student's own, else the loss-side parameters."""
+        loss = self.loss
+        if loss.siglip_logit_scale is not None:
+            if self.s_bias is not None:
+                raise ValueError("student_bias was passed to a loss built for a student without a logit bias "
+                                 "(student_logit_bias=False): its sigmoid terms use loss-side siglip_logit_scale/"
+                                 "siglip_logit_bias")
+            return loss.siglip_logit_scale.exp(), loss.siglip_logit_bias
+        if self.s_bias is None:
+            raise ValueError("the loss was built for a student with its own logit bias (student_logit_bias=True): "
+                             "pass student_bias")
+        return self.ls, self.s_bias
+
+    def teacher_biases(self) -> list:
+        missing = [m for m, b in enumerate(self.lb) if b is None]
+        if missing:
+            raise ValueError(f"spec '{self.loss.spec}' needs the teacher's logit bias: teacher member(s) {missing} "
+                             "have none (pass teacher_bias, or teacher_logit_biases=...)")
+        return self.lb
 
     def cached(self, key, fn):
         """`fn()`, computed once per loss call under `key` (terms share their derived tensors this way)."""
@@ -127,6 +168,10 @@ class Views:
     def p(self, mod: str, view: str) -> torch.Tensor:
         mod = self._mod(mod)
         return self.cached(("p", mod, self.canon(view)), lambda: T.normalize(self.praw(mod, view)))
+
+    def teacher_members(self, mod: str, view: str) -> list[torch.Tensor]:
+        """Each ensemble member's normalised teacher features (gathered for "cols"/global rows)."""
+        return self._teacher_members(mod, view)
 
     def _teacher_members(self, mod: str, view: str) -> list[torch.Tensor]:
         canon = self.canon(view)[0]

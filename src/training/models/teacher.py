@@ -26,6 +26,11 @@ class Teacher(nn.Module):
     def embed_dims(self) -> list[int]:
         return [embed_dim(m) for m in self.members]
 
+    @property
+    def logit_biases(self) -> list[float | None]:
+        """Each member's logit bias (SigLIP teachers), None for a member without one (CLIP)."""
+        return [None if getattr(m, "logit_bias", None) is None else float(m.logit_bias) for m in self.members]
+
     def set_intermediate_layers(self, layers: dict[str, list[int]], member: int = 0) -> None:
         """Ask `member` for these layers' tokens ({"image": [...], "text": [...]}) on every forward (feat term)."""
         self.intermediate_layers, self.intermediate_member = layers, member
@@ -33,7 +38,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         layers = self.intermediate_layers
-        out: dict = {"image_features": [], "text_features": [], "logit_scales": []}
+        out: dict = {"image_features": [], "text_features": [], "logit_scales": [], "logit_biases": []}
         for i, member in enumerate(self.members):
             wanted = layers if i == self.intermediate_member else {}
             f = forward_features(member, image, text, image_layers=wanted.get("image"),
@@ -41,6 +46,7 @@ class Teacher(nn.Module):
             out["image_features"].append(torch.nn.functional.normalize(f["image_features"], dim=-1))
             out["text_features"].append(torch.nn.functional.normalize(f["text_features"], dim=-1))
             out["logit_scales"].append(f["logit_scale"].float())
+            out["logit_biases"].append(f["logit_bias"].float() if "logit_bias" in f else None)
             if wanted:
                 out["intermediates"] = {"image": f["image_intermediates"], "text": f["text_intermediates"]}
         return out

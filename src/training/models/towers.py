@@ -273,9 +273,12 @@ def forward_features(model: nn.Module, image: torch.Tensor | None, text: torch.T
                      mask_keys: torch.Tensor | None = None) -> dict:
     """One forward of a CLIP model: raw features, logit scale and the requested intermediates.
 
-    Returns {"image_features", "text_features", "logit_scale" (exp'd), "image_intermediates", "text_intermediates"}."""
+    Returns {"image_features", "text_features", "logit_scale" (exp'd), "image_intermediates", "text_intermediates"},
+    and "logit_bias" for a model that has one (open_clip SigLIP models)."""
     model = unwrap(model)
     out: dict = {"logit_scale": model.logit_scale.exp()}
+    if getattr(model, "logit_bias", None) is not None:
+        out["logit_bias"] = model.logit_bias
     if image is not None:
         out["image_features"], out["image_intermediates"] = encode_image_with_options(
             model.visual, image, mask_ratio, image_layers, generator, mask_keys)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import distributed
 from ..config import DataConfig, RuntimeConfig, TeacherConfig
 from ..data import dataset_type
+from ..data.common import as_captions
 from ..data.csv import open_image, read_csv_table
 from ..data.transforms import ImageFormat, centre_view, render_view, sample_view
 from ..data.wds import TarReader, check_url_support, expand_sources, make_key, shard_stem, source_names
@@ -31,7 +32,17 @@ from ..errors import UsageError
 from ..fileio import read_json, write_json
 from ..models import create_teacher
 from ..precision import autocast_for, input_dtype
-from .format import CONFIG, FORMAT, MANIFEST, SHARD_DIR, file_sha256, hash64, shard_tensors, weights_sha256, write_shard
+from .format import (
+    CONFIG,
+    FORMAT,
+    MANIFEST,
+    SHARD_DIR,
+    caption_hash,
+    file_sha256,
+    shard_tensors,
+    weights_sha256,
+    write_shard,
+)
 
 log = logging.getLogger("training.cache_teacher")
 
@@ -110,21 +121,25 @@ def view_params(width: int, height: int, key: str, num_views: int, seed: int, sc
                                            for _ in range(num_views - 1)]
 
 
-def prepare_sample(image, caption: str, key: str, fmt: ImageFormat, tokenizer, num_views: int, seed: int,
+def prepare_sample(image, caption, key: str, fmt: ImageFormat, tokenizer, num_views: int, seed: int,
                    scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), flip: float = 0.0) -> dict:
-    """The teacher's inputs for one sample: its K views rendered in the teacher's format, and its tokens."""
+    """The teacher's inputs for one sample: its K views rendered in the teacher's format, and the tokens of each of
+    its captions."""
+    captions = as_captions(caption)
     w, h = image.size
     views = view_params(w, h, key, num_views, seed, scale, ratio, flip)
     return {"key": key, "pixels": torch.stack([render_view(image, v, fmt) for v in views]),
             "views": torch.tensor([v.as_tuple() for v in views], dtype=torch.int32),
             "source_size": torch.tensor([w, h], dtype=torch.int32),
-            "caption_hash": torch.tensor(hash64(caption), dtype=torch.int64),
-            "tokens": tokenizer([caption])[0]}
+            "caption_hash": torch.tensor(caption_hash(caption), dtype=torch.int64),
+            "caption_count": torch.tensor(len(captions), dtype=torch.int32),
+            "tokens": tokenizer(captions)}  # [C, L]
 
 
 def _stack(samples: list[dict]) -> dict:
-    return {"key": [s["key"] for s in samples],
-            **{name: torch.stack([s[name] for s in samples]) for name in samples[0] if name != "key"}}
+    """A batch: per-sample tensors stacked, the captions' tokens of all samples concatenated [ΣC, L]."""
+    return {"key": [s["key"] for s in samples], "tokens": torch.cat([s["tokens"] for s in samples]),
+            **{name: torch.stack([s[name] for s in samples]) for name in samples[0] if name not in ("key", "tokens")}}
 
 
 class _BuildStream(IterableDataset):
@@ -180,7 +195,8 @@ class _BuildStream(IterableDataset):
 # ---- the teacher -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def embed(teacher, samples: dict, device: torch.device, precision: str) -> tuple[list, list]:
-    """Per member: text [n, D] and image [n, K, D] embeddings, fp32, L2-normalised."""
+    """Per member: text [ΣC, D] (every caption of the n samples, in order) and image [n, K, D] embeddings, fp32,
+    L2-normalised."""
     n, k = samples["pixels"].shape[:2]
     pixels = samples["pixels"].flatten(0, 1).to(device, input_dtype(precision), non_blocking=True)
     tokens = samples["tokens"].to(device, non_blocking=True)
@@ -203,6 +219,8 @@ def teacher_entries(config: TeacherConfig, teacher, bundle) -> list[dict]:
                     "embed_dim": int(teacher.embed_dims[len(out)]),
                     "logit_scale": float(member.logit_scale.exp().float()),
                     "context_length": int(bundle.context_length), "tokenizer": type(bundle.tokenizer).__name__})
+        if getattr(member, "logit_bias", None) is not None:  # a SigLIP teacher: the sigmoid terms need its bias
+            out[-1]["logit_bias"] = float(member.logit_bias.float())
     return out
 
 
@@ -298,7 +316,8 @@ def build_cache(teacher_config: TeacherConfig, data: DataConfig, runtime: Runtim
                 acc["keys"] += samples["key"]
                 acc["text"].append(texts)
                 acc["image"].append(images)
-                acc["meta"].append((samples["caption_hash"], samples["source_size"], samples["views"]))
+                acc["meta"].append((samples["caption_hash"], samples["source_size"], samples["views"],
+                                    samples["caption_count"]))
                 bar.update(len(samples["key"]))
             if item["last"]:
                 bar.update(sum(item["skipped"].values()))
@@ -333,16 +352,30 @@ def _write_task(out: str, task: Task, acc: dict, skipped: dict, teacher, dtype: 
         caption_hash = torch.cat([m[0] for m in acc["meta"]])
         source_size = torch.cat([m[1] for m in acc["meta"]])
         views = torch.cat([m[2] for m in acc["meta"]])
+        counts = torch.cat([m[3] for m in acc["meta"]])
     else:  # every sample of the task was unusable: an empty shard still records that it is done
         dims = teacher.embed_dims
         text = [torch.zeros(0, d) for d in dims]
         image = [torch.zeros(0, num_views, d) for d in dims]
         caption_hash, source_size, views = torch.zeros(0), torch.zeros(0, 2), torch.zeros(0, num_views, 5)
-    tensors = shard_tensors(acc["keys"], caption_hash, source_size, views, text, image, dtype)
+        counts = torch.zeros(0, dtype=torch.int32)
+    most = int(counts.max()) if len(counts) else 1
+    if most > 1:  # several captions: [n, C, D], each sample's rows padded with its last caption
+        text = [pad_captions(t, counts, most) for t in text]
+    tensors = shard_tensors(acc["keys"], caption_hash, source_size, views, text, image, dtype,
+                            counts if most > 1 else None)
     record = write_shard(os.path.join(out, SHARD_DIR, task.name + ".safetensors"), acc["keys"], tensors, dtype)
-    record.update(name=task.name, skipped=skipped,
+    record.update(name=task.name, skipped=skipped, captions=most, caption_total=int(counts.sum()),
                   source=task.url or {"rows": [task.start, task.end]})
     write_json(os.path.join(out, SHARD_DIR, task.name + ".json"), record)
+
+
+def pad_captions(flat: torch.Tensor, counts: torch.Tensor, most: int) -> torch.Tensor:
+    """[ΣC, D] caption embeddings -> [n, most, D]; a sample with fewer captions repeats its last one (unit vectors
+    everywhere; `caption_count` says which are real)."""
+    starts = torch.cumsum(counts.long(), 0) - counts.long()
+    index = starts.unsqueeze(1) + torch.minimum(torch.arange(most).unsqueeze(0), counts.long().unsqueeze(1) - 1)
+    return flat[index]
 
 
 def _finish(out: str, config: dict, tasks: list[Task], world: int) -> dict:
@@ -358,6 +391,8 @@ def _finish(out: str, config: dict, tasks: list[Task], world: int) -> dict:
         skipped.update(r.get("skipped", {}))
     manifest = {**config, "complete": True,
                 "counts": {"samples": sum(r["samples"] for r in records), "shards": len(records),
+                           "captions": sum(r.get("caption_total", r["samples"]) for r in records),
+                           "max_captions_per_sample": max([r.get("captions", 1) for r in records], default=1),
                            "bytes": sum(r["bytes"] for r in records), "skipped": dict(skipped)},
                 "shards": records,
                 "built": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "world_size": world,

@@ -35,6 +35,11 @@ def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+def caption_hash(caption) -> int:
+    """hash64 of a sample's caption, or of its K captions joined by U+001F (one caption: the same as before)."""
+    return hash64(caption if isinstance(caption, str) else "\x1f".join(caption))
+
+
 def weights_sha256(model: nn.Module) -> str:
     """sha256 over a model's state_dict (names, shapes, fp32 values): the same weights give the same hash whatever
     file format or precision they were loaded from."""
@@ -67,8 +72,11 @@ def decode(stored: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Ten
 
 
 def shard_tensors(keys: Sequence[str], captions_hash: torch.Tensor, source_size: torch.Tensor, views: torch.Tensor,
-                  text: Sequence[torch.Tensor], image: Sequence[torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """The tensors of one shard (see the module docstring) from fp32 normalised embeddings."""
+                  text: Sequence[torch.Tensor], image: Sequence[torch.Tensor], dtype: str,
+                  caption_count: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one shard (see the module docstring) from fp32 normalised embeddings. With several captions
+    per sample, text/<m> is [n, C, D] (C the shard's most captions; a sample with fewer repeats its last one) and
+    `caption_count` [n] says how many are real."""
     n = len(keys)
     out = {
         "key_hash": torch.tensor([hash64(k) for k in keys], dtype=torch.int64),
@@ -77,8 +85,11 @@ def shard_tensors(keys: Sequence[str], captions_hash: torch.Tensor, source_size:
         "views": views.to(torch.int32).reshape(n, views.shape[-2], 5),
     }
     k = out["views"].shape[1]
+    if caption_count is not None:
+        out["caption_count"] = caption_count.to(torch.int32).reshape(n)
     for m, (t, v) in enumerate(zip(text, image)):
-        out[f"text/{m}"], ts = encode(t.reshape(n, t.shape[-1]), dtype)
+        shape = (n, t.shape[-1]) if caption_count is None else (n, t.shape[-2], t.shape[-1])
+        out[f"text/{m}"], ts = encode(t.reshape(shape), dtype)
         out[f"image/{m}"], vs = encode(v.reshape(n, k, v.shape[-1]), dtype)
         if ts is not None:
             out[f"text_scale/{m}"], out[f"image_scale/{m}"] = ts, vs
@@ -133,17 +144,21 @@ def load_manifest(cache_dir: str) -> dict:
     return manifest
 
 
-def expected_shapes(manifest: dict, n: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def expected_shapes(manifest: dict, n: int, captions: int = 1) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors of a shard of n samples; `captions` > 1: its samples' most captions (the shard record's)."""
     k = int(manifest["augmentation"]["views"])
     dtype = manifest["storage"]["dtype"]
     shapes = {"key_hash": ((n,), torch.int64), "caption_hash": ((n,), torch.int64),
               "source_size": ((n, 2), torch.int32), "views": ((n, k, 5), torch.int32)}
+    per_text = (n,) if captions == 1 else (n, captions)
+    if captions > 1:
+        shapes["caption_count"] = ((n,), torch.int32)
     for m, t in enumerate(manifest["teachers"]):
         d = int(t["embed_dim"])
-        shapes[f"text/{m}"] = ((n, d), STORAGE_DTYPES[dtype])
+        shapes[f"text/{m}"] = ((*per_text, d), STORAGE_DTYPES[dtype])
         shapes[f"image/{m}"] = ((n, k, d), STORAGE_DTYPES[dtype])
         if dtype == "int8":
-            shapes[f"text_scale/{m}"] = ((n,), torch.float32)
+            shapes[f"text_scale/{m}"] = (per_text, torch.float32)
             shapes[f"image_scale/{m}"] = ((n, k), torch.float32)
     return shapes
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..data.transforms import ViewParams
 from ..errors import TeacherCacheError, UsageError
-from .format import SHARD_DIR, SampleNotCached, decode, hash64, load_manifest, read_key_hashes
+from .format import SHARD_DIR, SampleNotCached, caption_hash, decode, hash64, load_manifest, read_key_hashes
 
 
 class TeacherCache:
@@ -108,22 +108,28 @@ class TeacherCache:
         return f.get_slice(name)[row:row + 1][0]
 
     def entry(self, key: str) -> dict | None:
-        """Everything stored for one key (embeddings decoded to fp32 unit vectors), or None when absent."""
+        """Everything stored for one key (embeddings decoded to fp32 unit vectors), or None when absent: per member
+        "image" [K, D], "captions" [C, D] (every caption's text embedding) and "text" [D] (the first caption's)."""
         where = self.locate(key)
         if where is None:
             return None
         shard, row = where
         f = self._handle(shard)
         out = {"views": self._row(f, "views", row), "source_size": self._row(f, "source_size", row),
-               "caption_hash": int(self._row(f, "caption_hash", row)), "text": [], "image": []}
+               "caption_hash": int(self._row(f, "caption_hash", row)), "text": [], "captions": [], "image": []}
+        several = "caption_count" in f.keys()  # a shard with several captions per sample: text rows [C, D]
+        out["caption_count"] = int(self._row(f, "caption_count", row)) if several else 1
         for m in range(self.members):
             scale_t = self._row(f, f"text_scale/{m}", row) if self.dtype == "int8" else None
             scale_v = self._row(f, f"image_scale/{m}", row) if self.dtype == "int8" else None
-            out["text"].append(decode(self._row(f, f"text/{m}", row), scale_t))
+            text = decode(self._row(f, f"text/{m}", row), scale_t)
+            out["captions"].append(text if several else text.unsqueeze(0))  # [C, D], one row per caption
+            out["text"].append(out["captions"][-1][0])  # the first caption's [D]
             out["image"].append(decode(self._row(f, f"image/{m}", row), scale_v))
         return out
 
-    def sample_entry(self, key: str, caption: str, image_size: tuple[int, int], rng: random.Random | None) -> dict:
+    def sample_entry(self, key: str, caption, image_size: tuple[int, int], rng: random.Random | None,
+                     caption_indices: Sequence[int] = (0,)) -> dict:
         """What `make_sample` attaches to a training sample: the view to replay and the teacher's embeddings of it.
 
         The view index is drawn from `rng` (the sample rng: a function of (seed, epoch, key)), so resume is exact.
@@ -142,17 +148,20 @@ class TeacherCache:
             raise TeacherCacheError(f"sample {key!r}: the image decodes to {w}x{h} but the teacher cache was built from "
                                     f"a {cw}x{ch} image; the source images changed (resized?) since the cache was "
                                     f"built, so its crop boxes and embeddings do not fit: rebuild the cache")
-        if hash64(caption) != e["caption_hash"]:
+        if caption_hash(caption) != e["caption_hash"]:
+            shown = caption if isinstance(caption, str) else " | ".join(caption)
             raise TeacherCacheError(f"sample {key!r}: its caption differs from the one the cached text embedding was "
-                                    f"computed from ({caption[:60]!r}); the data changed since the cache was built: "
+                                    f"computed from ({shown[:60]!r}); the data changed since the cache was built: "
                                     f"rebuild the cache")
         rng = rng if rng is not None else random.Random(key)
         k = self.view_choices[rng.randrange(len(self.view_choices))] if len(self.view_choices) > 1 \
             else self.view_choices[0]
         return {"view": ViewParams.from_tuple(e["views"][k].tolist()),
                 "teacher_image_emb": torch.cat([v[k] for v in e["image"]]),
-                "teacher_text_emb": torch.cat(e["text"]),
-                "teacher_view_index": torch.tensor(k, dtype=torch.long)}
+                "teacher_view_index": torch.tensor(k, dtype=torch.long),
+                # the drawn caption(s): the same draw as the tokens of the batch (make_sample)
+                **{"teacher_text_emb" + ("" if i == 0 else f"_{i + 1}"): torch.cat([t[c] for t in e["captions"]])
+                   for i, c in enumerate(caption_indices)}}
 
 
 class CachedTeacher(nn.Module):
@@ -164,6 +173,9 @@ class CachedTeacher(nn.Module):
         self.names = [t["name"] for t in manifest["teachers"]]
         self._dims = [int(t["embed_dim"]) for t in manifest["teachers"]]
         self.scales = [float(t["logit_scale"]) for t in manifest["teachers"]]
+        # SigLIP teachers' logit bias (None: a CLIP teacher, or a cache written before biases were recorded)
+        self.logit_biases = [None if t.get("logit_bias") is None else float(t["logit_bias"])
+                             for t in manifest["teachers"]]
         self.requires_grad_(False)
 
     @property
@@ -180,7 +192,12 @@ class CachedTeacher(nn.Module):
     def outputs_from_batch(self, batch: dict, device: torch.device) -> dict[str, list[torch.Tensor]]:
         """The online teacher's output format: per member L2-normalised features and exp(logit_scale)."""
         image = batch["teacher_image_emb"].to(device, torch.float32, non_blocking=True)
-        text = batch["teacher_text_emb"].to(device, torch.float32, non_blocking=True)
+        text = batch["teacher_text_emb"]
+        if "teacher_text_emb_2" in batch:  # --captions-per-step 2: both captions' rows [2B], as the live teacher
+            text = torch.cat([text, batch["teacher_text_emb_2"]])
+        text = text.to(device, torch.float32, non_blocking=True)
         return {"image_features": list(image.split(self._dims, dim=-1)),
                 "text_features": list(text.split(self._dims, dim=-1)),
-                "logit_scales": [torch.tensor(s, dtype=torch.float32, device=device) for s in self.scales]}
+                "logit_scales": [torch.tensor(s, dtype=torch.float32, device=device) for s in self.scales],
+                "logit_biases": [None if b is None else torch.tensor(b, dtype=torch.float32, device=device)
+                                 for b in self.logit_biases]}

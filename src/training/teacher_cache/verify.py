@@ -44,7 +44,7 @@ def check_shard(cache_dir: str, manifest: dict, record: dict, checksum: bool = T
         return [f"shard {name}: unreadable ({first_line(exc)})"]
     n = int(record["samples"])
     problems = []
-    for key, (shape, dtype) in expected_shapes(manifest, n).items():
+    for key, (shape, dtype) in expected_shapes(manifest, n, int(record.get("captions", 1))).items():
         t = tensors.get(key)
         if t is None:
             problems.append(f"shard {name}: tensor {key} is missing")

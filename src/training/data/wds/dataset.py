@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from training.config import DataConfig
-from training.data.common import DataInfo, DataTransforms, collate, make_sample, sample_rng
+from training.data import datacompdr
+from training.data.common import DataInfo, DataTransforms, caption_rng, collate, make_sample, sample_rng
 
 from ...errors import NoDataError, TeacherCacheError, UsageError
 from .resume import resume_positions, select_state, stream_state
@@ -76,13 +77,15 @@ class WdsDataset(IterableDataset):
     def __init__(self, shards: list[str], shard_sources: list[int], source_names_: list[str] | None,
                  transforms: DataTransforms, *, is_train: bool, resampled: bool, weights: list[float] | None,
                  batch_size: int, workers: int, rank: int, world_size: int, seed: int, worker_batches: int | None,
-                 caption_key: str, key_format: str, shuffle_buffer: int, epoch: int):
+                 caption_key: str, key_format: str, shuffle_buffer: int, epoch: int,
+                 datacompdr_widths: list[int] | None = None):
         super().__init__()
         self.shards, self.shard_sources, self.source_names = shards, shard_sources, source_names_
         self.transforms, self.is_train, self.resampled, self.weights = transforms, is_train, resampled, weights
         self.batch_size, self.workers, self.rank, self.world_size = batch_size, workers, rank, world_size
         self.seed, self.worker_batches = seed, worker_batches
         self.caption_key, self.key_format = caption_key, key_format
+        self.datacompdr_widths = datacompdr_widths  # DataCompDR layout: teacher embeddings ride in each sample
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.shuffle_initial = min(DEFAULT_SHUFFLE_INITIAL, self.shuffle_buffer)
         self.epoch, self.start_batch = epoch, 0
@@ -169,10 +172,19 @@ class WdsDataset(IterableDataset):
     def _decode(self, item, reader: TarReader, preprocess: bool = True):
         raw_key, shard, files = item
         url = self.shards[shard]
-        decoded = reader.decode(raw_key, files, url, self.caption_key)
+        files = reader.load(files)
+        decoded = reader.decode(raw_key, files, url, "txt" if self.datacompdr_widths else self.caption_key)
         if decoded is None:
             return None
         image, caption = decoded
+        dr = None
+        if self.datacompdr_widths:  # also when replaying positions: the same samples must be rejected
+            try:
+                dr = datacompdr.parse_sample(files, url, self.datacompdr_widths)
+            except datacompdr.BadSample as e:
+                reader.skip(e.skip_reason, url, f"{raw_key}: {e}")
+                return None
+            caption = dr["captions"]
         source = None if self.source_names is None else self.source_names[self.shard_sources[shard]]
         key = make_key(raw_key, url, source, self.key_format)
         if not preprocess:
@@ -181,7 +193,12 @@ class WdsDataset(IterableDataset):
             return None if cache is not None and cache.missing == "skip" and key not in cache else True
         try:
             rng = sample_rng(self.seed, self.epoch, key) if self.is_train else None
-            return make_sample(image, caption, key, self.transforms, self.is_train, rng)
+            captions = caption_rng(self.seed, self.epoch, key) if self.is_train else None
+            if dr is not None and self.is_train:  # replay a stored augmentation beside its stored embeddings
+                entry, chosen = datacompdr.draw(dr, self.transforms.captions_per_step, rng, captions)
+                return make_sample(image, caption, key, self.transforms, True, rng, captions, teacher_entry=entry,
+                                   caption_indices=chosen)
+            return make_sample(image, caption, key, self.transforms, self.is_train, rng, captions)
         except UsageError:  # e.g. a key missing from the teacher cache in error mode: never train on wrong targets
             raise
         except Exception as e:  # noqa: BLE001 - any preprocessing failure is a skipped sample
@@ -431,6 +448,7 @@ def get_wds_dataset(data: DataConfig, transforms: DataTransforms, *, seed: int, 
         shards, shard_sources, names, transforms, is_train=is_train, resampled=resampled, weights=weights,
         batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
         seed=int(seed or 0), worker_batches=worker_batches, caption_key=data.wds_caption_key or "txt",
+        datacompdr_widths=datacompdr.parse_widths(data.datacompdr_teachers) if is_train else None,
         key_format=key_format, shuffle_buffer=int(data.wds_shuffle_buffer or DEFAULT_SHUFFLE_BUFFER), epoch=epoch)
     loader = WdsLoader(dataset, num_batches, num_samples)
     loader.set_epoch(epoch, 0)

@@ -189,19 +189,28 @@ class TarReader:
             return None
 
 
-def decode_caption(sample: dict, caption_key: str) -> str | None:
-    """A sample's caption: the member with extension `caption_key`, else that (dotted) field of its `.json` member.
+def decode_caption(sample: dict, caption_key: str) -> str | list[str] | None:
+    """A sample's caption(s). `caption_key` is one key or a comma list of keys (`txt,syn.txt`), each the member with
+    that extension, else that (dotted) field of the sample's `.json` member. A member whose extension ends in `json`
+    (`captions.json`), or a JSON field, holding a list of strings gives several captions. Blank captions are dropped.
 
-    None when there is none or it is blank; ValueError (UnicodeDecodeError, bad JSON) when it cannot be decoded."""
-    if caption_key in sample:
-        text = sample[caption_key].decode("utf-8")
-    elif "json" in sample:
-        value = json.loads(sample["json"])
-        for part in caption_key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        text = value if isinstance(value, str) else None
-    else:
-        text = None
-    if text is None or not text.strip():
+    One caption: a str; several: a list; none: None. ValueError (UnicodeDecodeError, bad JSON) when one cannot be
+    decoded."""
+    captions: list[str] = []
+    for key in (k.strip() for k in caption_key.split(",")):
+        if key in sample:
+            raw = sample[key].decode("utf-8")
+            value = json.loads(raw) if key.endswith("json") else raw
+        elif "json" in sample:
+            value = json.loads(sample["json"])
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+        else:
+            value = None
+        if isinstance(value, list):
+            captions += [v.strip() for v in value if isinstance(v, str) and v.strip()]
+        elif isinstance(value, str) and value.strip():
+            captions.append(value.strip())
+    if not captions:
         return None
-    return text.strip()
+    return captions[0] if len(captions) == 1 else captions
