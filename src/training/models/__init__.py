@@ -75,6 +75,11 @@ def resolve_model_name(name: str) -> str:
         return os.path.splitext(os.path.basename(name))[0]
     if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
         return name
+    from ..compat import MODEL_NAMES
+
+    if name in MODEL_NAMES:  # CLIP-KD's config names for the same architectures
+        logging.info("model %s: CLIP-KD's name for %s", name, MODEL_NAMES[name])
+        return MODEL_NAMES[name]
     close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else " (see open_clip.list_models())"
     raise UsageError(f"unknown model '{name}'{hint}")
@@ -121,6 +126,13 @@ def create_student(model: ModelConfig, device: torch.device, low_precision: str 
     kwargs = {}
     if model.force_image_size:
         kwargs["force_image_size"] = model.force_image_size
+    if model.force_patch_dropout is not None:  # FLIP: open_clip's PatchDropout, active in training mode only
+        kwargs["force_patch_dropout"] = model.force_patch_dropout
+    for flag in ("force_quick_gelu", "force_custom_text", "pretrained_image"):
+        if getattr(model, flag):
+            kwargs[flag] = True
+    if model.cache_dir:
+        kwargs["cache_dir"] = model.cache_dir
     if low_precision:
         kwargs["precision"] = low_precision
     clip = create_clip(model.model, model.pretrained, device, **kwargs)
