@@ -223,8 +223,8 @@ def test_siglip_spec_rewrite_with_a_registered_term(monkeypatch):
 
 
 def test_clipkd_model_names_resolve_to_the_same_architectures():
-    from training.models import resolve_model_name
+    from training.models import CLIPKD_MODEL_NAMES, resolve_model_name
 
-    for theirs, ours in compat.MODEL_NAMES.items():
+    for theirs, ours in CLIPKD_MODEL_NAMES.items():
         assert resolve_model_name(theirs) == ours
     assert resolve_model_name("timm-mobilevit_xxs") == "timm-mobilevit_xxs"

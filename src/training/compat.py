@@ -195,14 +195,17 @@ FLAGS: tuple[Flag, ...] = (
 
 BY_FLAG = {f.flag: f for f in FLAGS}
 
-# CLIP-KD's model config names -> this project's configs of the same architectures (its released checkpoints load
-# into these; see the registry)
-MODEL_NAMES = {"timm_resnet18": "timm-resnet18", "timm_mobilenetv3_small_100": "timm-mobilenetv3_small_100",
-               "timm-efficientnet-b0": "timm-efficientnet_b0"}
 
 
 def _bnb_state() -> str:
     return "is installed" if importlib.util.find_spec("bitsandbytes") else "is not installed"
+
+
+def _same_value(text, harmless) -> bool:
+    try:
+        return type(harmless)(text) == harmless
+    except (TypeError, ValueError):
+        return False
 
 
 class Refuse(argparse.Action):
@@ -213,7 +216,7 @@ class Refuse(argparse.Action):
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        if self.harmless is not None and values == self.harmless:
+        if self.harmless is not None and _same_value(values, self.harmless):
             return
         reason = self.reason.replace("{bnb}", _bnb_state())
         raise UsageError(f"{option_string} is not supported here: {reason}")
@@ -224,8 +227,7 @@ def add_refused_flags(p: argparse.ArgumentParser) -> None:
     for f in FLAGS:
         if f.status != "refused":
             continue
-        kind = type(f.harmless) if f.harmless is not None else str
-        extra = {"nargs": f.nargs} if f.nargs is not None else {"type": kind}
+        extra = {"nargs": f.nargs} if f.nargs is not None else {}  # values stay text: no range, no type error
         g.add_argument(f.flag, action=Refuse, reason=f.note, harmless=f.harmless, dest=argparse.SUPPRESS,
                        default=argparse.SUPPRESS, help=f"refused: {f.note.replace('{bnb}', _bnb_state())}".replace("%", "%%"), **extra)
 
@@ -378,6 +380,8 @@ def render_markdown() -> str:
         note = f.note.replace("{bnb}", "is checked at start-up").replace("|", "\\|")
         lines.append(f"| `{f.flag}` | {', '.join(f.tools)} | {f.status} | {f'`{f.ours}`' if f.ours else ''} | "
                      f"{accepted} | {note} |")
+    from .models import CLIPKD_MODEL_NAMES as MODEL_NAMES
+
     lines += ["", "CLIP-KD model config names: " + ", ".join(f"`{k}` = `{v}`" for k, v in MODEL_NAMES.items()) + "."]
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ def _filesystem(url: str):
 def check_remote(config: LoggingConfig) -> None:
     """Start-up checks: fsspec present, the protocol's file system importable, a run folder to copy."""
     if importlib.util.find_spec("fsspec") is None:
-        raise UsageError("--remote-sync needs fsspec: pip install fsspec")
+        raise UsageError("--remote-sync needs fsspec: pip install -e '.[remote]'")
     if not config.logs:
         raise UsageError("--remote-sync copies the run folder, and --logs '' writes none")
     if config.remote_sync_protocol == "s3" and not config.remote_sync.startswith("s3://"):

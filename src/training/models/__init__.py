@@ -29,10 +29,14 @@ from .teacher import Teacher
 from .towers import embed_dim
 from .weights import is_local_path, load_weights, quiet_random_init_warning, read_state_dict
 
-__all__ = ["ModelBundle", "StudentModel", "Teacher", "check_model_config", "create_clip", "create_student",
+__all__ = ["CLIPKD_MODEL_NAMES", "ModelBundle", "StudentModel", "Teacher", "check_model_config", "create_clip", "create_student",
            "create_teacher", "embed_dim", "load_weights", "lock_towers", "read_state_dict", "resolve_model_name"]
 
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# CLIP-KD's model config names -> this project's configs of the same architectures (CLIP-KD's released checkpoints
+# of these students load into them; see pretrained/registry.csv)
+CLIPKD_MODEL_NAMES = {"timm_resnet18": "timm-resnet18", "timm_mobilenetv3_small_100": "timm-mobilenetv3_small_100",
+                      "timm-efficientnet-b0": "timm-efficientnet_b0"}
 
 
 def check_model_config(path: str) -> None:
@@ -75,11 +79,9 @@ def resolve_model_name(name: str) -> str:
         return os.path.splitext(os.path.basename(name))[0]
     if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
         return name
-    from ..compat import MODEL_NAMES
-
-    if name in MODEL_NAMES:  # CLIP-KD's config names for the same architectures
-        logging.info("model %s: CLIP-KD's name for %s", name, MODEL_NAMES[name])
-        return MODEL_NAMES[name]
+    if name in CLIPKD_MODEL_NAMES:
+        logging.info("model %s: CLIP-KD's name for %s", name, CLIPKD_MODEL_NAMES[name])
+        return CLIPKD_MODEL_NAMES[name]
     close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else " (see open_clip.list_models())"
     raise UsageError(f"unknown model '{name}'{hint}")
