@@ -1,7 +1,7 @@
 """The open_clip / CLIP-KD flags that do real work, each against an independent reference: FLIP patch dropout,
 --opt through timm, open_clip_train's own schedulers, checkpoint pruning and epoch_latest.pt, wandb (a stand-in
 module), --remote-sync to a local fsspec path, SyncBatchNorm, the --imagenet-* and --val-data-root evaluation,
-CLIP-KD's --eval / --t-eval."""
+CLIP-KD's --eval / --t-eval, locked towers with unlocked groups and frozen BatchNorm statistics."""
 
 import filecmp
 import os
@@ -290,3 +290,49 @@ def test_clipkd_eval_evaluates_a_checkpoint_without_training(tmp_path):
     assert main(common + ["--name", "tev", "--teacher", "tiny-teacher", "--teacher-pretrained", kd["teacher"],
                           "--t-eval", "--epochs", "1", "--warmup", "1", "--max-steps", "1"]) == 0
     assert "teacher_eval step 0 | retrieval/image_to_text_R@1" in (logs / "tev" / "out.log").read_text()
+
+
+# ---- locked towers: unlocked groups, frozen norm statistics -------------------------------------------------------
+def test_locked_towers_leave_open_clips_last_groups_trainable():
+    torch.manual_seed(0)
+    clip = create_student(ModelConfig(model="tiny-student", lock_image=True, lock_image_unlocked_groups=2,
+                                      lock_text=True, lock_text_unlocked_layers=1), torch.device("cpu")).model
+    trainable = {n for n, p in clip.named_parameters() if p.requires_grad}
+    # open_clip's image groups: [embeddings + ln_pre], resblocks[:-1], [last resblock + ln_post], proj
+    expected = {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias", "text_projection", "logit_scale"}
+    expected |= {n for n, _ in clip.named_parameters() if n.startswith("visual.transformer.resblocks.1.")}
+    assert trainable == expected
+    _, loss = _student_and_loss()
+    in_groups = {id(p) for g in param_groups(clip, loss, 0.1) for p in g["params"]}
+    assert in_groups == {id(p) for p in clip.parameters() if p.requires_grad} | {id(p) for p in loss.parameters()}
+
+
+def test_lock_image_freeze_bn_stats_freezes_the_locked_batchnorms():
+    from training.parallel.ddp import sync_batchnorm
+
+    torch.manual_seed(0)
+    clip = create_student(ModelConfig(model="timm-resnet18", lock_image=True, lock_image_unlocked_groups=1,
+                                      lock_image_freeze_bn_stats=True), torch.device("cpu")).model
+    norms = {n: m for n, m in clip.visual.named_modules() if "BatchNorm" in type(m).__name__}
+    live = sorted(n for n, m in norms.items() if isinstance(m, torch.nn.BatchNorm2d))
+    assert live == ["trunk.layer4.1.bn1", "trunk.layer4.1.bn2"]  # the unlocked group keeps learning its statistics
+    frozen = {n: m for n, m in norms.items() if n not in live}
+    assert len(frozen) == 18 and all("Frozen" in type(m).__name__ for m in frozen.values())
+    before = {n: m.running_mean.clone() for n, m in frozen.items()}
+    clip.train()
+    clip.encode_image(torch.randn(2, 3, 224, 224))
+    assert all(torch.equal(before[n], m.running_mean) for n, m in frozen.items())
+    # --use-bn-sync converts only the live BatchNorms
+    synced = sync_batchnorm(clip, torch.device("cuda"))
+    kinds = {n: type(m).__name__ for n, m in synced.visual.named_modules() if n in norms}
+    assert {kinds[n] for n in live} == {"SyncBatchNorm"} and all("Frozen" in kinds[n] for n in frozen)
+
+
+def test_a_locked_run_changes_only_the_unlocked_weights(world):
+    assert main(_argv(world, "locked", "--lock-image", "--lock-image-unlocked-groups", "1", "--epochs", "1")) == 0
+    final = torch.load(world["root"] / "logs" / "locked" / "checkpoints" / "epoch_1.pt", weights_only=True)["model"]
+    torch.manual_seed(0)  # the trainer seeds with --seed (0) right before it builds the student
+    init = create_student(ModelConfig(model="tiny-student"), torch.device("cpu")).model.state_dict()
+    changed = {k for k in init if not torch.equal(init[k], final[k])}
+    assert "visual.proj" in changed and any(k.startswith("transformer.") for k in changed)  # text tower trains
+    assert not {k for k in changed if k.startswith("visual.") and k != "visual.proj"}
