@@ -228,3 +228,7 @@ def test_clipkd_model_names_resolve_to_the_same_architectures():
     for theirs, ours in CLIPKD_MODEL_NAMES.items():
         assert resolve_model_name(theirs) == ours
     assert resolve_model_name("timm-mobilevit_xxs") == "timm-mobilevit_xxs"
+
+
+def test_open_clip_logs_none_writes_no_run_folder():
+    assert parse(["--logs", "None"]).logs == "" and parse(["--logs", "./runs"]).logs == "./runs"

@@ -336,3 +336,15 @@ def test_a_locked_run_changes_only_the_unlocked_weights(world):
     changed = {k for k in init if not torch.equal(init[k], final[k])}
     assert "visual.proj" in changed and any(k.startswith("transformer.") for k in changed)  # text tower trains
     assert not {k for k in changed if k.startswith("visual.") and k != "visual.proj"}
+
+
+def test_open_clips_create_model_options_reach_the_student():
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    clip = create_student(ModelConfig(model="tiny-student", force_quick_gelu=True, force_custom_text=True),
+                          torch.device("cpu")).model
+    assert isinstance(clip, open_clip.CustomTextCLIP)
+    assert any(isinstance(m, QuickGELU) for m in clip.visual.modules())
+    plain = create_student(ModelConfig(model="tiny-student"), torch.device("cpu")).model
+    assert type(plain) is open_clip.CLIP and not any(isinstance(m, QuickGELU) for m in plain.modules())

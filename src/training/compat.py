@@ -83,7 +83,8 @@ FLAGS: tuple[Flag, ...] = (
     _native("--eval", CLIP_KD, "evaluate the student (--resume/--pretrained weights) on every set once, no training"),
     _native("--t-eval", CLIP_KD, "evaluate the (first) teacher on every set before training"),
     # ---- logging
-    _native("--logs", note="under torchrun >= 2.6 spell it --logs-dir"),
+    _native("--logs", note="'' or none (open_clip's spelling) writes no run folder; under torchrun >= 2.6 spell it "
+                           "--logs-dir"),
     _refused("--log-local", BOTH, "every node's local rank 0 writing its own out-N.log is not supported: rank 0 "
                                   "writes <logs>/<name>/out.log; drop the flag", nargs=_SWITCH),
     _native("--name"),
@@ -134,7 +135,8 @@ FLAGS: tuple[Flag, ...] = (
                                                           "({'state_dict'} and 'module.' prefixes load)"),
     _native("--pretrained-image", note="timm/ImageNet weights for the student image tower (open_clip's "
                                        "pretrained_image)"),
-    _native("--cache-dir", OPEN_CLIP, "download folder of pretrained tags (open_clip's cache_dir)"),
+    _native("--cache-dir", OPEN_CLIP, "download folder of the student's and teacher's pretrained tags (open_clip's "
+                                      "cache_dir)"),
     _native("--lock-image"), _native("--lock-image-unlocked-groups"), _native("--lock-image-freeze-bn-stats"),
     _native("--lock-text"), _native("--lock-text-unlocked-layers"), _native("--lock-text-freeze-layer-norm"),
     _refused("--image-mean", BOTH, "the mean/std are the model's own (each model's format is rendered from one "
@@ -310,6 +312,8 @@ def siglip_spec(distill: str | None, recipe: str | None, overrides: dict[str, fl
 def normalize(args: argparse.Namespace) -> argparse.Namespace:
     """Give the foreign flags whose meaning is more than a spelling their fields (in place; idempotent)."""
     values = vars(args)
+    if isinstance(values.get("logs"), str) and values["logs"].lower() == "none":
+        args.logs = ""  # open_clip_train: --logs none stores no logs or checkpoints
     if "force_image_size" in values:
         args.force_image_size = _square_size(args.force_image_size)
     if "beta2" in values:

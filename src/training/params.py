@@ -97,7 +97,8 @@ def add_model_build_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force-custom-text", action="store_true", help="build the student as a CustomTextCLIP")
     g.add_argument("--pretrained-image", action="store_true",
                    help="ImageNet (timm) weights for the student's image tower, when its config has them")
-    g.add_argument("--cache-dir", default=None, help="download folder of open_clip pretrained tags")
+    g.add_argument("--cache-dir", default=None,
+                   help="download folder of open_clip pretrained tags (student and teacher)")
     g.add_argument("--siglip", action="store_true",
                    help="sigmoid task loss: the task term of the loss spec becomes task_siglip")
 

@@ -90,7 +90,7 @@ def open_teacher(config: Config, device: torch.device):
     """(teacher, its bundle, the cache): the live frozen teacher, or with --teacher-cache the stand-in that reads
     cached embeddings (no teacher is built or run; the bundle is then None)."""
     if not config.teacher.teacher_cache:
-        teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision)
+        teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision, config.model.cache_dir)
         return teacher, bundle, None
     from .teacher_cache import open_for_training
 

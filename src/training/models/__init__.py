@@ -144,16 +144,17 @@ def create_student(model: ModelConfig, device: torch.device, low_precision: str 
     return _bundle(clip)
 
 
-def create_teacher(teacher: TeacherConfig, device: torch.device, precision: str | None
+def create_teacher(teacher: TeacherConfig, device: torch.device, precision: str | None, cache_dir: str | None = None
                    ) -> tuple[Teacher, ModelBundle] | tuple[None, None]:
     """The frozen teacher and its input format, its weights cast for --precision bf16/fp16. Ensemble members must
-    share image format and tokenizer."""
+    share image format and tokenizer. `cache_dir`: open_clip's download folder of pretrained tags (--cache-dir)."""
     names, weights = teacher.models, teacher.weights
     if not names:
         return None, None
     if len(weights) != len(names):
         raise UsageError(f"--teacher lists {len(names)} models but --teacher-pretrained lists {len(weights)}")
-    members = [create_clip(name, w, device) for name, w in zip(names, weights)]
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
+    members = [create_clip(name, w, device, **extra) for name, w in zip(names, weights)]
     for name, w in zip(names, weights):
         if not w:
             logging.warning("teacher %s has no --teacher-pretrained weights: it is randomly initialised", name)
