@@ -176,12 +176,12 @@ FLAGS: tuple[Flag, ...] = (
     _alias("--distill-model", "--teacher", OPEN_CLIP, "open_clip's distillation teacher"),
     _alias("--distill-pretrained", "--teacher-pretrained", OPEN_CLIP),
     _alias("--t-model", "--teacher", CLIP_KD), _alias("--t-model-checkpoint", "--teacher-pretrained", CLIP_KD),
-    _alias("--alpha_ckd_loss", "--alpha_ckd_loss", CLIP_KD, "weight of crd"),
-    _alias("--alpha_icl_loss", "--alpha_icl_loss", CLIP_KD, "weight of icl"),
-    _alias("--alpha_cross_kd_loss", "--alpha_cross_kd_loss", CLIP_KD, "weight of xkd (CLIP-KD's cross KD)"),
-    _alias("--alpha_fd_loss", "--alpha_fd_loss", CLIP_KD, "weight of fd; of mfd when --mask_ratio > 0 is given"),
-    _alias("--alpha_gd_loss", "--alpha_gd_loss", CLIP_KD, "weight of gd"),
-    _alias("--alpha_afd_loss", "--alpha_afd_loss", CLIP_KD, "weight of afd"),
+    _native("--alpha_ckd_loss", CLIP_KD, "weight of crd"),
+    _native("--alpha_icl_loss", CLIP_KD, "weight of icl"),
+    _native("--alpha_cross_kd_loss", CLIP_KD, "weight of xkd (CLIP-KD's cross KD)"),
+    _native("--alpha_fd_loss", CLIP_KD, "weight of fd; of mfd when --mask_ratio > 0 is given"),
+    _native("--alpha_gd_loss", CLIP_KD, "weight of gd"),
+    _native("--alpha_afd_loss", CLIP_KD, "weight of afd"),
     _alias("--mask_ratio", "--mask-ratio", CLIP_KD, "with --alpha_fd_loss, the fd weight goes to mfd (CLIP-KD's MFD)"),
     # ---- runtime and parallelism
     _native("--precision", note="fp32 | amp | amp_bf16 (amp_bfloat16) | bf16; fp16, pure_fp16 and pure_bf16 are "
@@ -229,7 +229,10 @@ def add_refused_flags(p: argparse.ArgumentParser) -> None:
     for f in FLAGS:
         if f.status != "refused":
             continue
-        extra = {"nargs": f.nargs} if f.nargs is not None else {}  # values stay text: no range, no type error
+        # values stay text: no range, no type error
+        extra = {"nargs": f.nargs} if f.nargs is not None else {"metavar": "VALUE"}
+        if f.nargs not in (None, _SWITCH):
+            extra["metavar"] = "VALUE"
         g.add_argument(f.flag, action=Refuse, reason=f.note, harmless=f.harmless, dest=argparse.SUPPRESS,
                        default=argparse.SUPPRESS, help=f"refused: {f.note.replace('{bnb}', _bnb_state())}".replace("%", "%%"), **extra)
 
