@@ -112,10 +112,10 @@ FLAGS: tuple[Flag, ...] = (
     _native("--beta2", note="default by model as open_clip: 0.98 for ViT students, else 0.999"),
     _native("--eps", note="default by model as open_clip: 1e-6 for ViT students, else 1e-8"),
     _native("--wd"),
-    _native("--momentum", OPEN_CLIP, "SGD momentum (--opt sgd)"),
+    _native("--momentum", OPEN_CLIP, "momentum of a timm SGD-type --opt"),
     _native("--warmup"),
-    _native("--opt", OPEN_CLIP, "adamw (default), adam, sgd, or any timm optimizer name (timm.optim."
-                                "create_optimizer_v2), over the same no-weight-decay groups"),
+    _native("--opt", OPEN_CLIP, "adamw (default), or timm/NAME through timm.optim.create_optimizer_v2 over the same "
+                                "no-weight-decay groups (timm/sgd: Nesterov SGD, timm/momentum: plain SGD)"),
     _native("--use-bn-sync", note="SyncBatchNorm in the student under DDP (BN students, CUDA)"),
     _native("--skip-scheduler", note="constant --lr, no warm-up"),
     _native("--lr-scheduler", OPEN_CLIP, "cosine | const | const-cooldown"),

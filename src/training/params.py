@@ -106,8 +106,10 @@ def add_model_build_flags(p: argparse.ArgumentParser) -> None:
 def add_optim_choice_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('optimizer and schedule (open_clip)')
     g.add_argument("--opt", default="adamw",
-                   help="adamw, adam, sgd, or a timm optimizer name (timm.optim.create_optimizer_v2)")
-    g.add_argument("--momentum", type=float, default=None, help="momentum of --opt sgd (default 0.9 there)")
+                   help="adamw (torch's), or timm/NAME as open_clip: timm.optim.create_optimizer_v2 over the same "
+                        "weight-decay groups (timm/sgd is Nesterov SGD, timm/momentum plain SGD; a bare NAME is timm's)")
+    g.add_argument("--momentum", type=float, default=None,
+                   help="momentum of a timm SGD-type --opt (timm's default: 0.9)")
     g.add_argument("--skip-scheduler", action="store_true", help="no LR schedule: --lr throughout, no warm-up")
     g.add_argument("--epochs-cooldown", type=int, default=None,
                    help="--lr-scheduler const-cooldown: the last N epochs decay from --lr to --lr-cooldown-end")
