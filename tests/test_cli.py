@@ -123,7 +123,7 @@ def test_every_numeric_flag_has_a_range():
     (["--name", "../elsewhere"], "--name '../elsewhere' must stay inside --logs"),
     (["--name", "/tmp/run"], "--name '/tmp/run' must stay inside --logs"),
     (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
-    (["--report-to", "wandb"], "argument --report-to: unsupported 'wandb' (supported: tensorboard)"),
+    (["--report-to", "mlflow"], "argument --report-to: unsupported 'mlflow' (supported: tensorboard, wandb)"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
 ])
 def test_inconsistent_flags_exit_2_with_one_line(capsys, extra, message):

@@ -23,7 +23,7 @@ from .errors import UsageError
 Section = TypeVar("Section")
 
 CLIPKD_ALIASES = {"alpha_ckd_loss": "crd", "alpha_icl_loss": "icl", "alpha_fd_loss": "fd",
-                  "alpha_gd_loss": "gd", "alpha_afd_loss": "afd"}
+                  "alpha_gd_loss": "gd", "alpha_afd_loss": "afd", "alpha_cross_kd_loss": "xkd"}
 
 
 def comma_list(value: str | None) -> list[str]:
@@ -49,6 +49,12 @@ class ModelConfig:
     inherit_layers: str | None = None  # layer spec for both towers (None: auto)
     inherit_image_layers: str | None = None  # per-tower overrides of inherit_layers
     inherit_text_layers: str | None = None
+    # open_clip's create_model options (--force-patch-dropout: FLIP)
+    force_patch_dropout: float | None = None
+    force_quick_gelu: bool = False
+    force_custom_text: bool = False
+    pretrained_image: bool = False
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class DistillConfig:
     alpha_fd_loss: float | None = None
     alpha_gd_loss: float | None = None
     alpha_afd_loss: float | None = None
+    alpha_cross_kd_loss: float | None = None
+    siglip: bool = False  # open_clip's --siglip: the spec's task term was rewritten to task_siglip (compat.py)
     kd_temperature: float = 1.0
     teacher_logit_scale: float | None = None
     teacher_logit_scales: str | None = None  # "70,60": one scale per ensemble member
@@ -128,11 +136,13 @@ class DataConfig:
     datacompdr_teachers: str | None = None  # "768,768": shards in DataCompDR's layout, their teachers' widths
     wds_key_format: str = "auto"
     wds_shuffle_buffer: int = 5000
+    val_data_root: str | None = None  # root of --val-data's relative image paths (default: the first data_root)
+    val_dataset_type: str = "auto"
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW, its schedule, and the length of training."""
+    """The optimizer (AdamW unless --opt), its schedule, and the length of training."""
 
     epochs: int = 32
     lr: float = 5e-4
@@ -146,6 +156,12 @@ class OptimConfig:
     max_nonfinite_steps: int = 20
     max_steps: int | None = None
     accum_freq: int = 1
+    opt: str = "adamw"
+    momentum: float | None = None
+    skip_scheduler: bool = False
+    epochs_cooldown: int | None = None
+    lr_cooldown_end: float = 0.0
+    lr_cooldown_power: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +184,8 @@ class ParallelConfig:
     fsdp_shard_teacher: bool = False
     deepspeed: str | None = None
     horovod: bool = False
+    use_bn_sync: bool = False
+    ddp_static_graph: bool = False
 
     @property
     def engine(self) -> str:
@@ -183,8 +201,10 @@ class ParallelConfig:
 class CheckpointConfig:
     save_frequency: int = 1
     save_every_n_steps: int | None = None
-    keep_last_k: int | None = None
+    keep_last_k: int | None = None  # --delete-previous-checkpoint is keep_last_k 1 (compat.normalize)
     resume: str | None = None
+    save_most_recent: bool = False
+    delete_previous_checkpoint: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +216,21 @@ class EvalConfig:
     zeroshot_data: str | None = None
     eval_datasets: str | None = None
     eval_frequency: int = 1
+    imagenet_val: str | None = None  # open_clip / CLIP-KD: zero-shot every zeroshot_frequency epochs
+    imagenet_v2: str | None = None
+    imagenet_r: str | None = None
+    imagenet_a: str | None = None
+    imagenet_sketch: str | None = None
+    eval: bool = False  # CLIP-KD's --eval: evaluate once, no training
+    t_eval: bool = False  # CLIP-KD's --t-eval: evaluate the teacher before training
+
+    @property
+    def imagenet_sets(self) -> list[tuple[str, str, str]]:
+        """(name, kind, path) of the --imagenet-* sets given."""
+        return [(name, kind, path) for name, kind, path in (
+            ("imagenet-val", "imagenet1k", self.imagenet_val), ("imagenet-v2", "imagenetv2", self.imagenet_v2),
+            ("imagenet-r", "imagenet-r", self.imagenet_r), ("imagenet-a", "imagenet-a", self.imagenet_a),
+            ("imagenet-sketch", "imagenet-sketch", self.imagenet_sketch)) if path]
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,12 @@ class LoggingConfig:
     name: str | None = None
     report_to: str = ""
     log_every_n_steps: int = 100
+    tag: str | None = None  # CLIP-KD: part of the default run name
+    wandb_project_name: str = "open-clip"
+    wandb_notes: str = ""
+    remote_sync: str | None = None
+    remote_sync_frequency: int = 300
+    remote_sync_protocol: str = "s3"
 
     @property
     def run_dir(self) -> str | None:
@@ -259,8 +300,9 @@ class Config:
             return self.logging.name
         teacher = "-".join(os.path.splitext(os.path.basename(t))[0] for t in self.teacher.models) or "none"
         model = os.path.splitext(os.path.basename(self.model.model))[0]
+        tag = f"-tag_{self.logging.tag}" if self.logging.tag else ""
         return (f"{time.strftime('%Y_%m_%d-%H_%M_%S')}-model_{model}-teacher_{teacher}-lr_{self.optim.lr:g}"
-                f"-b_{self.data.batch_size}")
+                f"-b_{self.data.batch_size}{tag}")
 
     def with_run_name(self, name: str) -> Config:
         return self.replace(logging=dataclasses.replace(self.logging, name=name))

@@ -1,10 +1,13 @@
-"""Metrics to stdout (rank 0) and TensorBoard."""
+"""Metrics to stdout (rank 0), TensorBoard and wandb (`--report-to wandb`: the optional extra `wandb`)."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import sys
+from dataclasses import dataclass, field
 
 from .errors import UsageError
 
@@ -35,16 +38,41 @@ def setup_logging(log_file: str | None, is_master: bool, level=logging.INFO) -> 
                         format="%(asctime)s | %(levelname)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
 
-class MetricLogger:
-    """One line per log step on stdout, every scalar to TensorBoard when enabled (rank 0 only)."""
+def check_wandb() -> None:
+    """--report-to wandb needs the wandb package: one line at start-up, not a traceback at the first log."""
+    if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--report-to wandb needs the wandb package: pip install -e '.[wandb]' (or pip install wandb)")
 
-    def __init__(self, tensorboard_dir: str | None, enabled: bool):
+
+@dataclass
+class WandbRun:
+    """What open_clip_train gives wandb.init: project, run name, notes and the run's flags."""
+
+    project: str
+    name: str | None
+    notes: str = ""
+    config: dict = field(default_factory=dict)
+    dir: str | None = None
+
+
+class MetricLogger:
+    """One line per log step on stdout, every scalar to TensorBoard and wandb when enabled (rank 0 only)."""
+
+    def __init__(self, tensorboard_dir: str | None, enabled: bool, wandb: WandbRun | None = None):
         self.enabled = enabled
-        self.writer = None
+        self.writer = self.wandb = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(tensorboard_dir)
+        if enabled and wandb is not None:
+            check_wandb()
+            module = importlib.import_module("wandb")
+            if wandb.dir:
+                os.makedirs(wandb.dir, exist_ok=True)
+            module.init(project=wandb.project, name=wandb.name, notes=wandb.notes, tags=[], config=wandb.config,
+                        dir=wandb.dir)
+            self.wandb = module
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -56,7 +84,13 @@ class MetricLogger:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
             self.writer.flush()
+        if self.wandb is not None:
+            scalars = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.wandb.log({**scalars, "step": step}, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

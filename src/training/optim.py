@@ -1,10 +1,12 @@
-"""AdamW over the student and the loss-side parameters, with open_clip's weight-decay grouping."""
+"""The optimizer over the student and the loss-side parameters, with open_clip's weight-decay grouping: AdamW, or
+(`--opt timm/NAME`, as open_clip_train) any optimizer of timm's factory over the same groups."""
 
 from __future__ import annotations
 
 import torch
 
 from .config import OptimConfig
+from .errors import UsageError, usage_error
 
 
 def param_groups(student: torch.nn.Module, loss_fn: torch.nn.Module, wd: float) -> list[dict]:
@@ -24,5 +26,41 @@ def param_groups(student: torch.nn.Module, loss_fn: torch.nn.Module, wd: float) 
     return [{"params": no_wd, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
 
 
+def timm_name(opt: str) -> str | None:
+    """The timm optimizer name of --opt (None: torch's AdamW). `timm/NAME` is open_clip's spelling; a bare NAME other
+    than adamw is timm's too (timm's `sgd` is Nesterov SGD, `momentum` plain SGD with momentum)."""
+    opt = opt.lower()
+    if opt == "adamw":
+        return None
+    return opt.split("timm/", 1)[-1]
+
+
+def check_optimizer(optim: OptimConfig) -> None:
+    """--opt names an optimizer timm knows; --momentum only with a momentum optimizer (one UsageError line)."""
+    name = timm_name(optim.opt)
+    if name is None:
+        if optim.momentum is not None:
+            raise UsageError("--momentum has no effect with --opt adamw: use it with --opt timm/sgd or timm/momentum")
+        return
+    from timm.optim import list_optimizers
+
+    known = set(list_optimizers())
+    if name not in known:
+        raise UsageError(f"--opt {optim.opt}: timm has no optimizer '{name}' (e.g. adamw, timm/sgd, "
+                         f"timm/momentum, timm/lamb, timm/lion)")
+
+
 def create_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.eps, betas=(optim.beta1, optim.beta2))
+    name = timm_name(optim.opt)
+    if name is None:
+        return torch.optim.AdamW(groups, lr=optim.lr, eps=optim.eps, betas=(optim.beta1, optim.beta2))
+    from timm.optim import create_optimizer_v2
+
+    kwargs = {"betas": (optim.beta1, optim.beta2), "eps": optim.eps}
+    if optim.momentum is not None:
+        kwargs["momentum"] = optim.momentum
+    # the groups carry their own weight_decay (0 for gains, biases, scales); timm filters only modules, not groups
+    try:
+        return create_optimizer_v2(groups, name, lr=optim.lr, weight_decay=optim.wd, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise usage_error(f"--opt {optim.opt}", exc) from exc

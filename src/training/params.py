@@ -13,6 +13,7 @@ import logging
 import os
 import re
 
+from . import compat
 from .config import Config, comma_list
 from .errors import UsageError
 
@@ -32,10 +33,14 @@ def _device(value: str) -> str:
     return value
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 def _report_to(value: str) -> str:
-    unknown = [v for v in comma_list(value) if v != "tensorboard"]
+    unknown = [v for v in comma_list(value) if v not in REPORT_TO]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unsupported {', '.join(map(repr, unknown))} (supported: tensorboard)")
+        raise argparse.ArgumentTypeError(f"unsupported {', '.join(map(repr, unknown))} (supported: "
+                                         f"{', '.join(REPORT_TO)})")
     return value
 
 
@@ -52,8 +57,10 @@ def _layer_spec(value: str) -> str:
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('student', 'the student CLIP')
     g.add_argument("--model", default="ViT-T-16", help="student: open_clip name, a config shipped here, or a JSON path")
-    g.add_argument("--pretrained", default="", help="student initial weights: pretrained tag or local file")
-    g.add_argument("--force-image-size", type=int, default=None, help="override the student's image size")
+    g.add_argument("--pretrained", "--model-checkpoint", dest="pretrained", default="",
+                   help="student initial weights: pretrained tag or local file (--model-checkpoint: CLIP-KD's name)")
+    g.add_argument("--force-image-size", type=int, nargs="+", default=None,
+                   help="override the student's image size (one value, or H W when equal)")
     g.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the student")
     g.add_argument("--torchcompile", action="store_true", help="torch.compile the student")
     g.add_argument("--lock-image", action="store_true", help="lock the full student image tower (no gradients)")
@@ -82,11 +89,40 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="with --init-from-teacher: --inherit-layers for the text tower only")
 
 
+def add_model_build_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('student build options', "open_clip's create_model options for the student")
+    g.add_argument("--force-patch-dropout", type=float, default=None,
+                   help="FLIP patch dropout: drop this fraction of the student ViT's patch tokens in training")
+    g.add_argument("--force-quick-gelu", action="store_true", help="QuickGELU in the student (OpenAI-trained towers)")
+    g.add_argument("--force-custom-text", action="store_true", help="build the student as a CustomTextCLIP")
+    g.add_argument("--pretrained-image", action="store_true",
+                   help="ImageNet (timm) weights for the student's image tower, when its config has them")
+    g.add_argument("--cache-dir", default=None,
+                   help="download folder of open_clip pretrained tags (student and teacher)")
+    g.add_argument("--siglip", action="store_true",
+                   help="sigmoid task loss: the task term of the loss spec becomes task_siglip")
+
+
+def add_optim_choice_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('optimizer and schedule (open_clip)')
+    g.add_argument("--opt", default="adamw",
+                   help="adamw (torch's), or timm/NAME as open_clip: timm.optim.create_optimizer_v2 over the same "
+                        "weight-decay groups (timm/sgd is Nesterov SGD, timm/momentum plain SGD; a bare NAME is timm's)")
+    g.add_argument("--momentum", type=float, default=None,
+                   help="momentum of a timm SGD-type --opt (timm's default: 0.9)")
+    g.add_argument("--skip-scheduler", action="store_true", help="no LR schedule: --lr throughout, no warm-up")
+    g.add_argument("--epochs-cooldown", type=int, default=None,
+                   help="--lr-scheduler const-cooldown: the last N epochs decay from --lr to --lr-cooldown-end")
+    g.add_argument("--lr-cooldown-end", type=float, default=0.0, help="LR at the end of the cooldown")
+    g.add_argument("--lr-cooldown-power", type=float, default=1.0, help="cooldown shape: 1 linear, 2 quadratic, ...")
+
+
 def add_teacher_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('teacher', 'the frozen teacher CLIP (one model or an ensemble)')
-    g.add_argument("--teacher", "--t-model", dest="teacher", default=None,
+    g.add_argument("--teacher", "--t-model", "--distill-model", dest="teacher", default=None,
                    help="teacher architecture(s): open_clip name or JSON path; comma list for an ensemble")
-    g.add_argument("--teacher-pretrained", "--t-model-checkpoint", dest="teacher_pretrained", default=None,
+    g.add_argument("--teacher-pretrained", "--t-model-checkpoint", "--distill-pretrained", dest="teacher_pretrained",
+                   default=None,
                    help="teacher weights: pretrained tag or local file (comma list matching --teacher)")
 
 
@@ -117,6 +153,8 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
                    help="CLIP-KD alias: weight of crd")
     g.add_argument("--alpha_icl_loss", "--alpha-icl-loss", dest="alpha_icl_loss", type=float, default=None,
                    help="CLIP-KD alias: weight of icl")
+    g.add_argument("--alpha_cross_kd_loss", "--alpha-cross-kd-loss", dest="alpha_cross_kd_loss", type=float,
+                   default=None, help="CLIP-KD alias: weight of xkd (CLIP-KD's cross KD)")
     g.add_argument("--alpha_fd_loss", "--alpha-fd-loss", dest="alpha_fd_loss", type=float, default=None,
                    help="CLIP-KD alias: weight of fd")
     g.add_argument("--alpha_gd_loss", "--alpha-gd-loss", dest="alpha_gd_loss", type=float, default=None,
@@ -137,6 +175,9 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--student-kd-logit-scale", type=float, default=None,
                    help="fixed student scale inside the KD terms (TinyCLIP uses 50)")
     g.add_argument("--mask-ratio", type=float, default=0.5, help="fraction of patches hidden from the student (mfd)")
+    g.add_argument("--mask_ratio", dest="mask_ratio", type=float, action=compat.ClipKdMaskRatio, default=0.5,
+                   help="CLIP-KD's spelling of --mask-ratio; with --alpha_fd_loss (CLIP-KD's MFD) the fd weight "
+                        "goes to mfd")
     g.add_argument("--feat-layers", default=None, help='feat term layer pairs "s:t,s:t" (default: evenly spaced)')
     g.add_argument("--emb-metric", default="mse", choices=["mse", "l1", "smooth_l1", "cosine"],
                    help="metric of the emb/emb_text terms")
@@ -165,7 +206,7 @@ def add_data_source_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('training data', 'CSV files, WebDataset shards or the synthetic set')
     g.add_argument("--train-data", default=None,
                    help="CSV file(s) (comma list), or WebDataset shards (brace patterns, '::' joins sources)")
-    g.add_argument("--dataset-type", default="auto", choices=["auto", "csv", "synthetic", "webdataset"])
+    g.add_argument("--dataset-type", default="auto", type=compat.dataset_type, metavar="|".join(compat.DATASET_TYPES))
     g.add_argument("--train-num-samples", type=int, default=None,
                    help="samples per epoch (required for WebDataset; caps/extends CSV epochs)")
     g.add_argument("--synthetic-num-samples", type=int, default=1024, help="size of --dataset-type synthetic")
@@ -200,6 +241,10 @@ def add_val_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('validation data')
     g.add_argument("--val-data", default=None, help="validation CSV for retrieval metrics")
     g.add_argument("--val-num-samples", type=int, default=None)
+    g.add_argument("--val-data-root", default=None,
+                   help="root joined to the --val-data CSV's relative image paths (default: the first --data-root)")
+    g.add_argument("--val-dataset-type", default="auto", type=compat.val_dataset_type, metavar="auto|csv",
+                   help="CLIP-KD's flag: --val-data is a CSV or Karpathy JSON, detected")
 
 
 def add_optim_flags(p: argparse.ArgumentParser) -> None:
@@ -207,11 +252,12 @@ def add_optim_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=32)
     g.add_argument("--lr", type=float, default=5e-4)
     g.add_argument("--wd", type=float, default=0.2)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--beta1", type=float, default=None, help="default 0.9")
+    g.add_argument("--beta2", type=float, default=None, help="default by student, as open_clip: 0.98 ViT, else 0.999")
+    g.add_argument("--eps", type=float, default=None, help="default by student, as open_clip: 1e-6 ViT, else 1e-8")
     g.add_argument("--warmup", type=int, default=10000, help="warm-up steps")
-    g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const"])
+    g.add_argument("--lr-scheduler", default="cosine", choices=["cosine", "const", "const-cooldown"],
+                   help="after warm-up: cosine to 0, constant, or constant then a cooldown (--epochs-cooldown)")
     g.add_argument("--grad-clip-norm", type=float, default=None)
     g.add_argument("--max-nonfinite-steps", type=int, default=20,
                    help="stop after this many consecutive steps with a non-finite loss")
@@ -227,7 +273,7 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--dist-backend", default=None, help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--dist-url", default="env://")
-    g.add_argument("--precision", default="amp", choices=["fp32", "amp", "amp_bf16", "bf16"],
+    g.add_argument("--precision", default="amp", type=compat.precision, metavar="|".join(compat.PRECISIONS),
                    help="amp: fp16 autocast + loss scaling on CUDA, bf16 autocast on CPU; amp_bf16: bf16 autocast; "
                         "bf16: bf16 weights and batches (training/precision.py)")
     g.add_argument("--amp-fp16-on-cpu", action="store_true",
@@ -244,6 +290,9 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
                    help="DeepSpeed ZeRO config (stage 0-3); batch sizes, accumulation, clipping and bf16 come from "
                         "the flags (docs/scale_out.md)")
     g.add_argument("--horovod", action="store_true", help="average student gradients with Horovod (open_clip's flag)")
+    g.add_argument("--use-bn-sync", action="store_true",
+                   help="under DDP, the student's BatchNorm layers become SyncBatchNorm (statistics over all ranks)")
+    g.add_argument("--ddp-static-graph", action="store_true", help="DistributedDataParallel(static_graph=True)")
 
 
 def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
@@ -255,6 +304,10 @@ def add_checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last-k", type=int, default=None,
                    help="keep only the newest K checkpoints of the run folder (default: keep all)")
     g.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
+    g.add_argument("--save-most-recent", action="store_true",
+                   help="also write checkpoints/epoch_latest.pt (the newest state) at every save")
+    g.add_argument("--delete-previous-checkpoint", action="store_true",
+                   help="keep only the newest checkpoint file (the same as --keep-last-k 1)")
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -269,14 +322,38 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-frequency", type=int, default=1, help="--eval-datasets every N epochs (0: never)")
 
 
+def add_imagenet_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('ImageNet zero-shot (open_clip / CLIP-KD)',
+                             'wnid-folder ImageNet sets, zero-shot every --zeroshot-frequency epochs')
+    g.add_argument("--imagenet-val", default=None, help="ImageNet-1k validation folder (1000 wnid folders)")
+    g.add_argument("--imagenet-v2", default=None, help="ImageNetV2 folder (ImageNetV2-matched-frequency)")
+    g.add_argument("--imagenet-r", default=None, help="ImageNet-R folder (200 wnid folders)")
+    g.add_argument("--imagenet-a", default=None, help="ImageNet-A folder (200 wnid folders)")
+    g.add_argument("--imagenet-sketch", default=None, help="ImageNet-Sketch folder (1000 wnid folders)")
+    g.add_argument("--eval", action="store_true",
+                   help="CLIP-KD: evaluate the student on every set once (weights: --resume PATH in any checkpoint "
+                        "format, else --pretrained) and exit without training")
+    g.add_argument("--t-eval", action="store_true", help="CLIP-KD: evaluate the (first) teacher before training")
+
+
 def add_logging_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('logging')
     g.add_argument("--logs", "--logs-dir", dest="logs", default="./logs",
                    help="root of run folders; '' disables logging and checkpoints. Under torchrun >= 2.6 spell it "
                         "--logs-dir: torchrun's own parser rejects --logs as an abbreviation of its --logs-specs")
     g.add_argument("--name", default=None, help="run folder name (default: a timestamp and the models)")
-    g.add_argument("--report-to", type=_report_to, default="", help="'tensorboard' or ''")
+    g.add_argument("--report-to", type=_report_to, default="",
+                   help="comma list of tensorboard, wandb (pip install -e '.[wandb]'), or ''")
     g.add_argument("--log-every-n-steps", type=int, default=100)
+    g.add_argument("--tag", default=None, help="CLIP-KD: appended to the default run name as tag_<TAG>")
+    g.add_argument("--wandb-project-name", default="open-clip", help="wandb project (--report-to wandb)")
+    g.add_argument("--wandb-notes", default="", help="wandb run notes (--report-to wandb)")
+    g.add_argument("--remote-sync", default=None, metavar="URL",
+                   help="copy the run folder to this fsspec URL (e.g. s3://bucket/runs, /mnt/backup) every "
+                        "--remote-sync-frequency seconds, after a checkpoint, and at the end")
+    g.add_argument("--remote-sync-frequency", type=int, default=300, help="seconds between remote syncs")
+    g.add_argument("--remote-sync-protocol", default="s3", choices=["s3", "fsspec"],
+                   help="both copy through fsspec (s3 needs s3fs installed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,9 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil a frozen teacher CLIP into a student CLIP (open_clip models).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add in (add_model_flags, add_teacher_flags, add_distill_flags, add_data_source_flags, add_csv_flags,
-                add_val_flags, add_teacher_cache_flags, add_loader_flags, add_optim_flags, add_runtime_flags,
-                add_parallel_flags, add_checkpoint_flags, add_logging_flags, add_eval_flags):
+    for add in (add_model_flags, add_model_build_flags, add_teacher_flags, add_distill_flags, add_data_source_flags,
+                add_csv_flags, add_val_flags, add_teacher_cache_flags, add_loader_flags, add_optim_flags,
+                add_optim_choice_flags, add_runtime_flags, add_parallel_flags, add_checkpoint_flags,
+                add_logging_flags, add_eval_flags, add_imagenet_eval_flags, compat.add_refused_flags):
         add(p)
     return p
 
@@ -297,11 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
 RANGES: dict[str, str] = {
     # student and teacher
     "force_image_size": "[1, inf)",
+    "force_patch_dropout": "[0, 1)",
     "lock_image_unlocked_groups": "[0, inf)",
     "lock_text_unlocked_layers": "[0, inf)",
     # distillation
     "alpha_ckd_loss": "[0, inf)", "alpha_icl_loss": "[0, inf)", "alpha_fd_loss": "[0, inf)",
-    "alpha_gd_loss": "[0, inf)", "alpha_afd_loss": "[0, inf)",
+    "alpha_gd_loss": "[0, inf)", "alpha_afd_loss": "[0, inf)", "alpha_cross_kd_loss": "[0, inf)",
     "kd_temperature": "(0, inf)",
     "teacher_logit_scale": "(0, inf)",
     "student_kd_logit_scale": "(0, inf)",
@@ -329,6 +408,10 @@ RANGES: dict[str, str] = {
     "seed": "[0, 4294967295]",  # numpy's seed range
     "max_steps": "[1, inf)",
     "accum_freq": "[1, inf)",
+    "momentum": "[0, 1)",
+    "epochs_cooldown": "[1, inf)",
+    "lr_cooldown_end": "[0, inf)",
+    "lr_cooldown_power": "(0, inf)",
     # logging, checkpoints, evaluation (a frequency of 0 means never)
     "save_frequency": "[0, inf)",
     "save_every_n_steps": "[1, inf)",
@@ -337,6 +420,7 @@ RANGES: dict[str, str] = {
     "zeroshot_frequency": "[0, inf)",
     "val_frequency": "[0, inf)",
     "eval_frequency": "[0, inf)",
+    "remote_sync_frequency": "[1, inf)",
 }
 
 # sub-option -> the flag it needs (without it the sub-option would be ignored silently)
@@ -344,7 +428,8 @@ NEEDS = {"lock_image_unlocked_groups": "lock_image", "lock_image_freeze_bn_stats
          "lock_text_unlocked_layers": "lock_text", "lock_text_freeze_layer_norm": "lock_text",
          "teacher_pretrained": "teacher", "train_data_upsampling_factors": "dataset_resampled",
          "fsdp_shard_teacher": "fsdp", "init_from_teacher": "teacher", "inherit_layers": "init_from_teacher",
-         "inherit_image_layers": "init_from_teacher", "inherit_text_layers": "init_from_teacher"}
+         "inherit_image_layers": "init_from_teacher", "inherit_text_layers": "init_from_teacher",
+         "t_eval": "teacher"}
 
 
 def _flag(dest: str) -> str:
@@ -363,8 +448,39 @@ def check_range(dest: str, value) -> None:
         raise UsageError(f"{_flag(dest)} must be {allowed}, got {shown}")
 
 
+def check_open_clip_options(config: Config) -> None:
+    """The open_clip options that only mean something together (each failure one line)."""
+    optim, log_cfg = config.optim, config.logging
+    if optim.lr_scheduler == "const-cooldown" and optim.epochs_cooldown is None:
+        raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown N (the epochs of the cooldown)")
+    if optim.epochs_cooldown is not None:
+        if optim.lr_scheduler != "const-cooldown":
+            raise UsageError("--epochs-cooldown needs --lr-scheduler const-cooldown")
+        if optim.epochs_cooldown >= optim.epochs:
+            raise UsageError(f"--epochs-cooldown {optim.epochs_cooldown} must be below --epochs {optim.epochs}")
+    if optim.skip_scheduler and (optim.lr_scheduler != "cosine" or optim.epochs_cooldown is not None):
+        raise UsageError("--skip-scheduler keeps --lr constant: drop --lr-scheduler/--epochs-cooldown")
+    from .optim import check_optimizer
+
+    check_optimizer(optim)
+    wandb = "wandb" in comma_list(log_cfg.report_to)
+    if log_cfg.wandb_notes and not wandb:
+        raise UsageError("--wandb-notes needs --report-to wandb")
+    if wandb:
+        from .logger import check_wandb
+
+        check_wandb()
+    if log_cfg.remote_sync:
+        from .remote_sync import check_remote
+
+        check_remote(log_cfg)
+    if config.eval.eval and config.checkpoint.resume == "latest":
+        raise UsageError("--eval evaluates the weights of --resume PATH (a file) or --pretrained, not 'latest'")
+
+
 def validate_args(args: argparse.Namespace) -> Config:
     """Start-up checks of the flags that need more than argparse; each failure is one UsageError line."""
+    compat.normalize(args)  # the foreign flags whose meaning is more than a spelling (training/compat.py)
     values = vars(args)
     for dest in RANGES:
         if values.get(dest) is not None:
@@ -378,6 +494,7 @@ def validate_args(args: argparse.Namespace) -> Config:
         raise UsageError(f"--teacher {teacher.teacher!r} names no model")
     if name and (os.path.isabs(name) or ".." in name.replace("\\", "/").split("/")):
         raise UsageError(f"--name {name!r} must stay inside --logs (no absolute path, no '..')")
+    check_open_clip_options(config)
     if config.checkpoint.resume == "latest" and not name:
         raise UsageError("--resume latest needs --name (the run folder to resume)")
     member = distill.kd_teacher_member

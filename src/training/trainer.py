@@ -28,13 +28,14 @@ from .data.transforms import EvalTransform, PairedViews
 from .distill import create_distill_loss, resolve_spec
 from .errors import TeacherCacheError, UsageError
 from .eval.hook import TrainingEvaluator
-from .logger import MetricLogger
+from .logger import MetricLogger, WandbRun
 from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
 from .models.inherit import init_student_from_teacher
 from .models.towers import check_masking_supported
 from .optim import create_optimizer, param_groups
 from .precision import make_grad_scaler, resolve
 from .preemption import StopRequest
+from .remote_sync import RemoteSync
 from .scheduler import LRSchedule
 from .tokenizers import same_tokenizer
 from .train import accumulated_step, train_step
@@ -91,7 +92,7 @@ def open_teacher(config: Config, device: torch.device):
     if config.data.datacompdr_teachers:  # DataCompDR shards carry the teachers' embeddings (training/data/datacompdr.py)
         return datacompdr_teacher(config), None, None
     if not config.teacher.teacher_cache:
-        teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision)
+        teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision, config.model.cache_dir)
         return teacher, bundle, None
     from .teacher_cache import open_for_training
 
@@ -158,6 +159,9 @@ class Trainer:
                                              ("ddp", "horovod") else None)
         self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
         self.teacher, teacher_bundle, cache = open_teacher(config, env.device)
+        self.teacher_bundle = teacher_bundle
+        if config.eval.t_eval and teacher_bundle is None:
+            raise UsageError("--t-eval evaluates the live teacher: not with --teacher-cache")
         if config.model.init_from_teacher:  # weight inheritance: an init, so a --resume checkpoint overwrites it
             init_student_from_teacher(self.student, self.teacher, config.model, config.teacher)
         teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
@@ -186,11 +190,13 @@ class Trainer:
         data = get_data(config.data, transforms, seed=config.seed, image_size=self.student_bundle.image_format.size
                         )["train"]
         self.data = group_micro_batches(data, optim.accum_freq)  # --accum-freq K: K micro-batches per step
-        self.schedule = LRSchedule(self.optimizer, optim.lr, optim.warmup, self.data.num_batches * optim.epochs,
-                                   optim.lr_scheduler)
+        self.schedule = LRSchedule.from_config(self.optimizer, optim, self.data.num_batches)
         run_dir, report_to = config.logging.run_dir, config.logging.report_to
         tensorboard = os.path.join(run_dir, "tensorboard") if run_dir and "tensorboard" in report_to else None
-        self.metrics = MetricLogger(tensorboard, enabled=env.is_master)
+        wandb = WandbRun(config.logging.wandb_project_name, config.logging.name, config.logging.wandb_notes,
+                         config.flat(), run_dir) if "wandb" in report_to else None
+        self.metrics = MetricLogger(tensorboard, enabled=env.is_master, wandb=wandb)
+        self.remote = RemoteSync(config.logging, run_dir, enabled=env.is_master)
         self.state = TrainState(is_master=env.is_master)
         self.checkpointer = CheckpointManager(
             config.checkpoint, os.path.join(run_dir, "checkpoints") if run_dir else None, env, engine=self.engine,
@@ -227,8 +233,15 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def train(self) -> None:
-        """Resume (--resume), then train to the end, --max-steps or a stop request; checkpoints as configured."""
+        """Resume (--resume), then train to the end, --max-steps or a stop request; checkpoints as configured.
+        CLIP-KD's --eval: evaluate once and return; --t-eval: evaluate the teacher first."""
+        if self.config.eval.eval:
+            self.evaluate_only()
+            self.metrics.close()
+            return
         self.checkpointer.resume()
+        if self.config.eval.t_eval:
+            self.evaluate_teacher()
         self.stop.install()
         try:
             self.run(self.config.optim.max_steps)
@@ -238,6 +251,25 @@ class Trainer:
             logging.info("stopped at step %d (%s): checkpoint written, continue with --resume latest --name %s",
                          self.step, self.stop.agreed_reason, self.config.logging.name)
         self.metrics.close()
+        self.remote.sync()
+
+    def evaluate_only(self) -> None:
+        """--eval: the student's weights from --resume PATH (any checkpoint format: ours, CLIP-KD's, open_clip's),
+        else those it was built with, on every evaluation set."""
+        from .models import load_weights
+
+        if self.config.checkpoint.resume:
+            load_weights(self.student, self.config.checkpoint.resume)
+            logging.info("--eval: student weights from %s", self.config.checkpoint.resume)
+        self.evaluate(self.state.epoch, force=True)
+
+    def evaluate_teacher(self) -> None:
+        """--t-eval: the (first) teacher on every evaluation set, in its own input format."""
+        teacher, bundle = self.teacher.members[0], self.teacher_bundle
+        results = self.evaluator(teacher, EvalTransform(bundle.image_format), bundle.tokenizer, self.state.epoch,
+                                 self.env.device, force=True)
+        if results:
+            self.metrics.log(self.state.step, results, prefix="teacher_eval")
 
     def run(self, max_steps: int | None = None) -> None:
         """Steps from the current position until the last epoch ends, `max_steps` is reached or a stop request."""
@@ -262,6 +294,7 @@ class Trainer:
                                              finished=finished, preempted=preempted)
             if filename:
                 self.checkpointer.save(filename)
+                self.remote.maybe_sync()
             if epoch_done and not preempted:  # a preempted job has minutes left: no evaluation
                 self.evaluate(state.epoch)
             if finished or preempted:
@@ -289,12 +322,12 @@ class Trainer:
             self.state.step += 1
         return losses
 
-    def evaluate(self, epoch: int) -> None:
-        if not self.evaluator.due(epoch):
+    def evaluate(self, epoch: int, force: bool = False) -> None:
+        if not force and not self.evaluator.due(epoch):
             return
         with self.engine.unsharded():  # FSDP2/ZeRO-3: the bare student's weights gathered for evaluation
             results = self.evaluator(self.student, EvalTransform(self.student_bundle.image_format),
-                                     self.student_bundle.tokenizer, epoch, self.env.device)
+                                     self.student_bundle.tokenizer, epoch, self.env.device, force=force)
         if results:
             self.metrics.log(self.state.step, results, prefix="eval")
 

@@ -1,5 +1,6 @@
 """The checkpoint manager: saves and restores a run's stateful parts, owns the file names, `latest.txt`, the save
-cadence, `--keep-last-k`, and the checks of what a resume may change.
+cadence, `--keep-last-k` (`--delete-previous-checkpoint` is K = 1), `--save-most-recent` (`epoch_latest.pt`), and the
+checks of what a resume may change.
 
 One file holds the whole run (rank 0 writes it, atomically):
     model, optimizer           the engine's part: full (unsharded) student weights and canonical optimizer state
@@ -28,6 +29,7 @@ from .resume import check_resume
 from .rng import restore_rank_rng, rng_state
 
 LATEST = "latest.txt"
+MOST_RECENT = "epoch_latest.pt"  # open_clip's --save-most-recent file: the newest state under a fixed name
 _CHECKPOINT_NAME = re.compile(r"(epoch|step)_\d+\.pt")
 
 
@@ -107,12 +109,15 @@ class CheckpointManager:
         return f"step_{step}.pt" if finished or (every and step % every == 0) else None
 
     def save(self, filename: str) -> None:
-        """Collective. Rank 0 writes the file atomically, points `latest.txt` at it, and prunes to --keep-last-k."""
+        """Collective. Rank 0 writes the file atomically, points `latest.txt` at it, with --save-most-recent also
+        writes it as epoch_latest.pt (never pruned), and prunes to --keep-last-k."""
         if self.folder is None:
             return
         state = self.state_dict()
         if self.env.is_master:
             torch_save(state, os.path.join(self.folder, filename))
+            if self.config.save_most_recent:
+                torch_save(state, os.path.join(self.folder, MOST_RECENT))
             write_text(os.path.join(self.folder, LATEST), filename + "\n")
             logging.info("saved %s", os.path.join(self.folder, filename))
             self._prune(keep=filename)
@@ -127,7 +132,8 @@ class CheckpointManager:
         for name in names[:-k]:
             if name != keep:
                 os.remove(os.path.join(self.folder, name))
-                logging.info("removed %s (--keep-last-k %d)", name, k)
+                logging.info("removed %s (--keep-last-k %d%s)", name, k,
+                             ", --delete-previous-checkpoint" if self.config.delete_previous_checkpoint else "")
 
     # ---- resume --------------------------------------------------------------------------------------------------
     def resume(self) -> bool:

@@ -16,6 +16,7 @@ _FIXED_ON_RESUME = {"dataset_type": ("--dataset-type", _DATA_MOVES), "seed": ("-
                     "lock_image_unlocked_groups": ("--lock-image-unlocked-groups", _OPTIMIZER_DIFFERS),
                     "lock_text": ("--lock-text", _OPTIMIZER_DIFFERS),
                     "lock_text_unlocked_layers": ("--lock-text-unlocked-layers", _OPTIMIZER_DIFFERS),
+                    "opt": ("--opt", _OPTIMIZER_DIFFERS),
                     "model": ("--model", "the checkpoint holds another architecture")}
 # What it may change, said out loud: the run goes on from the same data position, but not as it would have.
 _NOTED_ON_RESUME = {"epochs": "--epochs (the LR schedule now spans the new total)", "lr": "--lr", "warmup": "--warmup",

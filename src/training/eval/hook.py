@@ -65,21 +65,29 @@ class TrainingEvaluator:
       Karpathy JSON) when epoch % val_frequency == 0: `retrieval/image_to_text_R@1` ... `@10`,
       `retrieval/text_to_image_R@1` ... `@10`;
     - every `--eval-datasets` set when epoch % eval_frequency == 0: `zeroshot/<name>/top1`, ... (classification
-      sets) or `retrieval/<name>/image_to_text_R@1`, ... (retrieval sets).
+      sets) or `retrieval/<name>/image_to_text_R@1`, ... (retrieval sets);
+    - open_clip's / CLIP-KD's `--imagenet-val/-v2/-r/-a/-sketch` when epoch % zeroshot_frequency == 0:
+      `zeroshot/imagenet-val/top1`, ... (read by the suite's ImageNet readers: wnid folders, class subsets).
+    `force=True` runs everything (CLIP-KD's --eval and --t-eval).
     Values are fractions in [0, 1]. Batch size, workers and precision are the training run's.
     """
 
     def __init__(self, eval: EvalConfig, data: DataConfig, runtime: RuntimeConfig, epochs: int | None = None):
         self.config, self.epochs = eval, epochs
         self.batch_size, self.workers, self.precision = data.batch_size, data.workers, runtime.precision
-        self.data_root = data.data_root.split(",")[0] if data.data_root else data.data_root  # the first CSV's
+        # --val-data's image root: --val-data-root (CLIP-KD), else the first training CSV's
+        self.data_root = data.val_data_root or (data.data_root.split(",")[0] if data.data_root else data.data_root)
         self.csv = (data.csv_img_key, data.csv_caption_key, data.csv_separator)
-        for path, flag in ((eval.zeroshot_data, "--zeroshot-data"), (data.val_data, "--val-data")):
+        for path, flag in ((eval.zeroshot_data, "--zeroshot-data"), (data.val_data, "--val-data"),
+                           (data.val_data_root, "--val-data-root"),
+                           *((p, f"--{n}") for n, _, p in eval.imagenet_sets)):
             if path and not os.path.exists(path):
                 raise UsageError(f"{flag}: path not found: {path}")
         # every set is read now, so a bad path fails at start-up and not after the first epoch
         self.zeroshot = self.val = None
         self.suite: list[tuple[DatasetSpec, ClassificationSet | RetrievalSet]] = []
+        self.imagenet = [(spec, load_classification(spec, "test")) for spec in
+                         (DatasetSpec(name, kind, path) for name, kind, path in eval.imagenet_sets)]
         if eval.zeroshot_data:
             spec = _zeroshot_spec(eval.zeroshot_data)
             self.zeroshot = (spec, load_classification(spec, "test"))
@@ -90,7 +98,7 @@ class TrainingEvaluator:
             self.suite.append((spec, self._retrieval_set(spec) if spec.is_retrieval
                                else load_classification(spec, "test")))
         # said once at start-up: which kind each set was taken for, and what makes its number not the benchmark's
-        for spec, ds in ([self.zeroshot] if self.zeroshot else []) + self.suite:
+        for spec, ds in ([self.zeroshot] if self.zeroshot else []) + self.imagenet + self.suite:
             if not isinstance(ds, ClassificationSet):
                 continue
             if spec.detected:
@@ -104,15 +112,16 @@ class TrainingEvaluator:
     def due(self, epoch: int) -> bool:
         """Whether a call at this epoch evaluates anything (a caller may skip gathering sharded weights)."""
         c = self.config
-        return bool((self.zeroshot and _due(epoch, c.zeroshot_frequency, self.epochs))
+        return bool(((self.zeroshot or self.imagenet) and _due(epoch, c.zeroshot_frequency, self.epochs))
                     or (self.val and _due(epoch, c.val_frequency, self.epochs))
                     or (self.suite and _due(epoch, c.eval_frequency, self.epochs)))
 
-    def __call__(self, model, preprocess, tokenizer, epoch: int, device) -> dict[str, float]:
+    def __call__(self, model, preprocess, tokenizer, epoch: int, device, force: bool = False) -> dict[str, float]:
         """The metrics due at `epoch` ({} when nothing is). `model` is the unwrapped open_clip model; it is put back
         in its training mode."""
         device = torch.device(device)
         c = self.config
+        due = (lambda frequency: True) if force else (lambda frequency: _due(epoch, frequency, self.epochs))
         common = dict(batch_size=self.batch_size, workers=self.workers, precision=self.precision)
 
         def zeroshot(ds, prefix):
@@ -127,11 +136,14 @@ class TrainingEvaluator:
         was_training = model.training
         model.eval()
         try:
-            if self.zeroshot and _due(epoch, c.zeroshot_frequency, self.epochs):
+            if self.zeroshot and due(c.zeroshot_frequency):
                 out.update(zeroshot(self.zeroshot[1], "zeroshot"))
-            if self.val and _due(epoch, c.val_frequency, self.epochs):
+            if self.imagenet and due(c.zeroshot_frequency):
+                for spec, ds in self.imagenet:
+                    out.update(zeroshot(ds, f"zeroshot/{spec.name}"))
+            if self.val and due(c.val_frequency):
                 out.update(retrieval(self.val[1], "retrieval"))
-            if self.suite and _due(epoch, c.eval_frequency, self.epochs):
+            if self.suite and due(c.eval_frequency):
                 for spec, ds in self.suite:
                     if spec.is_retrieval:
                         out.update(retrieval(ds, f"retrieval/{spec.name}"))

@@ -29,10 +29,14 @@ from .teacher import Teacher
 from .towers import embed_dim
 from .weights import is_local_path, load_weights, quiet_random_init_warning, read_state_dict
 
-__all__ = ["ModelBundle", "StudentModel", "Teacher", "check_model_config", "create_clip", "create_student",
+__all__ = ["CLIPKD_MODEL_NAMES", "ModelBundle", "StudentModel", "Teacher", "check_model_config", "create_clip", "create_student",
            "create_teacher", "embed_dim", "load_weights", "lock_towers", "read_state_dict", "resolve_model_name"]
 
 CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+# CLIP-KD's model config names -> this project's configs of the same architectures (CLIP-KD's released checkpoints
+# of these students load into them; see pretrained/registry.csv)
+CLIPKD_MODEL_NAMES = {"timm_resnet18": "timm-resnet18", "timm_mobilenetv3_small_100": "timm-mobilenetv3_small_100",
+                      "timm-efficientnet-b0": "timm-efficientnet_b0"}
 
 
 def check_model_config(path: str) -> None:
@@ -75,6 +79,9 @@ def resolve_model_name(name: str) -> str:
         return os.path.splitext(os.path.basename(name))[0]
     if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models():
         return name
+    if name in CLIPKD_MODEL_NAMES:
+        logging.info("model %s: CLIP-KD's name for %s", name, CLIPKD_MODEL_NAMES[name])
+        return CLIPKD_MODEL_NAMES[name]
     close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else " (see open_clip.list_models())"
     raise UsageError(f"unknown model '{name}'{hint}")
@@ -121,6 +128,13 @@ def create_student(model: ModelConfig, device: torch.device, low_precision: str 
     kwargs = {}
     if model.force_image_size:
         kwargs["force_image_size"] = model.force_image_size
+    if model.force_patch_dropout is not None:  # FLIP: open_clip's PatchDropout, active in training mode only
+        kwargs["force_patch_dropout"] = model.force_patch_dropout
+    for flag in ("force_quick_gelu", "force_custom_text", "pretrained_image"):
+        if getattr(model, flag):
+            kwargs[flag] = True
+    if model.cache_dir:
+        kwargs["cache_dir"] = model.cache_dir
     if low_precision:
         kwargs["precision"] = low_precision
     clip = create_clip(model.model, model.pretrained, device, **kwargs)
@@ -130,16 +144,17 @@ def create_student(model: ModelConfig, device: torch.device, low_precision: str 
     return _bundle(clip)
 
 
-def create_teacher(teacher: TeacherConfig, device: torch.device, precision: str | None
+def create_teacher(teacher: TeacherConfig, device: torch.device, precision: str | None, cache_dir: str | None = None
                    ) -> tuple[Teacher, ModelBundle] | tuple[None, None]:
     """The frozen teacher and its input format, its weights cast for --precision bf16/fp16. Ensemble members must
-    share image format and tokenizer."""
+    share image format and tokenizer. `cache_dir`: open_clip's download folder of pretrained tags (--cache-dir)."""
     names, weights = teacher.models, teacher.weights
     if not names:
         return None, None
     if len(weights) != len(names):
         raise UsageError(f"--teacher lists {len(names)} models but --teacher-pretrained lists {len(weights)}")
-    members = [create_clip(name, w, device) for name, w in zip(names, weights)]
+    extra = {"cache_dir": cache_dir} if cache_dir else {}
+    members = [create_clip(name, w, device, **extra) for name, w in zip(names, weights)]
     for name, w in zip(names, weights):
         if not w:
             logging.warning("teacher %s has no --teacher-pretrained weights: it is randomly initialised", name)

@@ -48,6 +48,9 @@ ENGINES: dict[str, type[Engine]] = {"ddp": Engine, "fsdp": FSDPEngine, "deepspee
 def check_config(parallel: ParallelConfig) -> None:
     """The start-up checks of the scale-out flags that argparse cannot make."""
     _ = parallel.engine  # refuses more than one engine
+    for flag, on in (("--use-bn-sync", parallel.use_bn_sync), ("--ddp-static-graph", parallel.ddp_static_graph)):
+        if on and parallel.engine != "ddp":
+            raise UsageError(f"{flag} applies to DDP, not --{parallel.engine}")
     if parallel.deepspeed and not os.path.isfile(parallel.deepspeed):
         raise UsageError(f"--deepspeed config not found: {parallel.deepspeed}")
 
@@ -78,6 +81,8 @@ def create_engine(parallel: ParallelConfig, env: distributed.DistEnv, *, model: 
     common = dict(model=model, loss_fn=loss_fn, make_groups=make_groups, make_optimizer=make_optimizer, scaler=scaler,
                   precision=precision, batch_size=batch_size, accum_freq=accum_freq, grad_clip_norm=grad_clip_norm,
                   torchcompile=torchcompile)
+    if name == "ddp":
+        common.update(sync_bn=parallel.use_bn_sync, static_graph=parallel.ddp_static_graph)
     if name == "deepspeed":
         engine = DeepSpeedEngine(env, config_path=parallel.deepspeed, **common)
     else:

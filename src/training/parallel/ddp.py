@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable
 
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import distributed
+from ..errors import UsageError
 from ..precision import Precision
 
 LOGIT_SCALE_MAX = math.log(100)
@@ -62,6 +64,19 @@ def flat_params(groups: list[dict]) -> list[nn.Parameter]:
     return [p for g in groups for p in g["params"]]
 
 
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """--use-bn-sync: every BatchNorm of the student becomes SyncBatchNorm (batch statistics over all ranks), as
+    open_clip_train does under DDP. Frozen BatchNorms (--lock-image-freeze-bn-stats) stay frozen. torch's
+    SyncBatchNorm runs on CUDA only, so a CPU run is refused."""
+    if device.type != "cuda":
+        raise UsageError("--use-bn-sync: torch's SyncBatchNorm runs on CUDA only (this run is on "
+                         f"{device.type}); drop the flag")
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    n = sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
+    logging.info("--use-bn-sync: %d BatchNorm layer(s) of the student synchronise their statistics", n)
+    return converted
+
+
 class Engine:
     """Single process or DDP. Built by `training.parallel.create_engine`; the subclasses override the hooks below.
 
@@ -74,10 +89,10 @@ class Engine:
     def __init__(self, env: distributed.DistEnv, *, model: nn.Module, loss_fn: nn.Module, make_groups: MakeGroups,
                  make_optimizer: MakeOptimizer, scaler: torch.amp.GradScaler | None, precision: Precision,
                  batch_size: int, accum_freq: int = 1, grad_clip_norm: float | None = None,
-                 torchcompile: bool = False):
+                 torchcompile: bool = False, sync_bn: bool = False, static_graph: bool = False):
         self.env, self.loss_fn, self.scaler, self.precision = env, loss_fn, scaler, precision
         self.batch_size, self.accum_freq, self.grad_clip_norm = batch_size, accum_freq, grad_clip_norm
-        self.torchcompile = torchcompile
+        self.torchcompile, self.sync_bn, self.static_graph = torchcompile, sync_bn, static_graph
         self.unwrapped = model  # the StudentModel (unwrapped)
         self.student = model.clip  # the bare open_clip model (what checkpoints and exports hold)
         self.model = self._wrap(model)
@@ -93,9 +108,11 @@ class Engine:
             from torch.nn.parallel import DistributedDataParallel
 
             dev = self.env.device
+            if self.sync_bn:
+                model = sync_batchnorm(model, dev)
             # gradients as views of DDP's all-reduce buckets: one copy of the gradients instead of two
             return DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None,
-                                           gradient_as_bucket_view=True)
+                                           gradient_as_bucket_view=True, static_graph=self.static_graph)
         return model
 
     def _make_optimizer(self, make_optimizer: MakeOptimizer):
