@@ -44,8 +44,6 @@ SAMPLES = {"--opt": "timm/sgd", "--lr-scheduler": "const-cooldown", "--device": 
            "--resume": "latest", "--train-data-upsampling-factors": "1::2", "--report-to": "wandb",
            "--dist-backend": "gloo", "--force-image-size": "224", "--remote-sync": "/tmp/remote",
            "--teacher": "ViT-B-16", "--distill-model": "ViT-B-16", "--t-model": "ViT-B-16"}
-# supported where this build has what they need, else refused with one line (task_siglip lives in training.distill)
-CONDITIONAL = {"--siglip"}
 
 
 def parse(argv):
@@ -105,7 +103,7 @@ def check_flag(flag: str, kind: str, choices, nargs, converted=None) -> None:
         try:
             args = parse(argv)
         except UsageError as exc:  # a choice we refuse: one line naming the flag
-            assert (choices or flag in CONDITIONAL) and "\n" not in str(exc) and flag in str(exc), exc
+            assert choices and "\n" not in str(exc) and flag in str(exc), exc
             continue
         if kind == "switch":
             assert getattr(args, ours.dest) is True or ours.dest == "delete_previous_checkpoint"
@@ -195,31 +193,15 @@ def test_alpha_cross_kd_loss_weights_xkd():
     assert resolve_spec(None, None, cfg.distill.overrides).terms["xkd"].value == 0.5
 
 
-def test_siglip_rewrites_the_task_term_or_refuses():
-    from training.distill.spec import TERMS
-
-    if "task_siglip" not in TERMS:
-        with pytest.raises(UsageError, match="--siglip needs the task_siglip loss term"):
-            compat.siglip_spec("task=1,crd=1", None, {})
-        with pytest.raises(UsageError, match="task_siglip"):
-            parse(["--siglip"])
-        return
+def test_siglip_rewrites_the_task_term():
     assert compat.siglip_spec("task=1,crd=2", None, {}) == "task_siglip=1,crd=2"
     assert compat.siglip_spec(None, None, {"icl": 1.0}) == "task_siglip=1,icl=1"
+    assert compat.siglip_spec(None, "clip-kd", {}) == "task_siglip=1,crd=1,icl=1,fd=2000"
+    assert compat.siglip_spec("task_siglip=1", None, {}) == "task_siglip=1"  # normalising twice changes nothing
     args = parse(["--siglip", "--alpha_icl_loss", "1"])
     assert args.distill == "task_siglip=1,icl=1" and args.alpha_icl_loss is None
     with pytest.raises(UsageError, match="has none"):
         compat.siglip_spec("crd=1", None, {})
-
-
-def test_siglip_spec_rewrite_with_a_registered_term(monkeypatch):
-    """The rewrite itself, with task_siglip registered as a stand-in name (the term lives in training.distill)."""
-    from training.distill import spec
-
-    monkeypatch.setitem(spec.TERMS, "task_siglip", "stand-in")
-    assert compat.siglip_spec("task=1,crd=2", None, {}) == "task_siglip=1,crd=2"
-    assert compat.siglip_spec(None, "clip-kd", {}) == "task_siglip=1,crd=1,icl=1,fd=2000"
-    assert compat.siglip_spec("task_siglip=1", None, {}) == "task_siglip=1"  # normalising twice changes nothing
 
 
 def test_clipkd_model_names_resolve_to_the_same_architectures():

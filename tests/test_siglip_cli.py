@@ -84,3 +84,11 @@ def test_siglip_teacher_from_a_teacher_cache(world):
         assert json.load(f)["teachers"][0]["logit_bias"] == pytest.approx(-10.0)
     assert main(_argv(world, "sig-cached", "tiny-student", [], "--teacher-cache", out,
                       "--distill", "task=1,sig_kd=1")) == 0
+
+
+def test_open_clip_siglip_flag_trains_the_sigmoid_task_loss(world):
+    """open_clip's --siglip: the run's task term is task_siglip (the loss-side scale and bias train)."""
+    assert main(_argv(world, "siglip-flag", "tiny-student", [], "--siglip")) == 0
+    ckpt = _final(world, "siglip-flag")
+    assert ckpt["args"]["distill"] == "task_siglip=1"
+    assert abs(ckpt["loss"]["siglip_logit_bias"].item() + 10.0) > 1e-4
