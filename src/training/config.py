@@ -49,6 +49,7 @@ class ModelConfig:
     inherit_layers: str | None = None  # layer spec for both towers (None: auto)
     inherit_image_layers: str | None = None  # per-tower overrides of inherit_layers
     inherit_text_layers: str | None = None
+    student_kind: str = "clip"  # clip | image | classifier (training/student_kinds.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class DistillConfig:
     kd_compat: str = "none"
     local_loss: bool = False
     gather_with_grad: bool = False
+    teacher_head: str = "text"  # classifier students: the teacher's class logits (distill/classifier.py)
+    classifier_kd_weight: float = 1.0
+    classifier_ce_weight: float = 0.0
 
     @property
     def overrides(self) -> dict[str, float]:

@@ -32,10 +32,11 @@ def _all_ranks_finite(loss: torch.Tensor) -> bool:
     return bool(finite.item())
 
 
-def model_inputs(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image, text tokens); text is None for caption-less batches (image-only students)."""
     device = trainer.env.device
     image = batch["image"].to(device, dtype=trainer.precision.batch_dtype, non_blocking=True)
-    return image, batch["text"].to(device, non_blocking=True)
+    return image, batch["text"].to(device, non_blocking=True) if "text" in batch else None
 
 
 def student_forward(trainer, image: torch.Tensor, text: torch.Tensor, micro_batch: int = 0) -> dict:
@@ -49,17 +50,11 @@ def student_forward(trainer, image: torch.Tensor, text: torch.Tensor, micro_batc
     return trainer.model(image, text, mask_keys=keys)
 
 
-def distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
-    return trainer.loss_fn(
-        student_image=student["image_features"], student_text=student["text_features"],
-        student_scale=student["logit_scale"],
-        teacher_image=teacher["image_features"] if teacher else None,
-        teacher_text=teacher["text_features"] if teacher else None,
-        teacher_scale=teacher["logit_scales"] if teacher else None,
-        step=trainer.step,
-        student_intermediates={"image": student["image_intermediates"], "text": student["text_intermediates"]},
-        teacher_intermediates=teacher.get("intermediates") if teacher else None,
-    )
+def distill_losses(trainer, student: dict, teacher: dict | None, batch: dict | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The loss terms; the student kind says what the loss reads (student_kinds.py)."""
+    return trainer.loss_fn(**trainer.kind.loss_inputs(student, teacher, batch or {}, trainer.step,
+                                                      trainer.env.device))
 
 
 def _skip_nonfinite(trainer, total: torch.Tensor) -> bool:
@@ -85,7 +80,7 @@ def train_step(trainer, batch: dict) -> dict[str, torch.Tensor] | None:
     with trainer.precision.autocast():
         teacher = teacher_outputs(trainer, batch, image, text) if trainer.loss_fn.needs_teacher else None
         student = student_forward(trainer, image, text)
-        losses = distill_losses(trainer, student, teacher)
+        losses = distill_losses(trainer, student, teacher, batch)
     if _skip_nonfinite(trainer, losses["total"]):
         return None
     trainer.engine.backward(losses["total"])
@@ -119,7 +114,7 @@ def accumulated_step(trainer, micro_batches: list[dict]) -> dict[str, torch.Tens
     teacher = accumulation.concat(teachers)
     del students, teachers
     with autocast():
-        losses = distill_losses(trainer, student, teacher)
+        losses = distill_losses(trainer, student, teacher)  # --accum-freq > 1: clip students (validate_args)
     if _skip_nonfinite(trainer, losses["total"]):
         return None
     engine.scale_loss(losses["total"]).backward()  # gradients of the cached outputs and of the loss-side heads

@@ -89,7 +89,8 @@ def make_sample(image, caption: str, key: str, transforms: DataTransforms, is_tr
         sample = {"image": student_tf(image)}
         if teacher_tf is not None:
             sample["teacher_image"] = teacher_tf(image)
-    sample["text"] = transforms.tokenizer([caption])[0]
+    if transforms.tokenizer is not None:  # None: the student has no text tower (image-only students)
+        sample["text"] = transforms.tokenizer([caption])[0]
     sample["key"] = key
     if transforms.teacher_tokenizer is not None:
         sample["teacher_text"] = transforms.teacher_tokenizer([caption])[0]

@@ -192,7 +192,10 @@ class TarReader:
 def decode_caption(sample: dict, caption_key: str) -> str | None:
     """A sample's caption: the member with extension `caption_key`, else that (dotted) field of its `.json` member.
 
-    None when there is none or it is blank; ValueError (UnicodeDecodeError, bad JSON) when it cannot be decoded."""
+    None when there is none or it is blank; ValueError (UnicodeDecodeError, bad JSON) when it cannot be decoded.
+    caption_key '' means caption-less data (image-only students): every sample's caption is ''."""
+    if not caption_key:
+        return ""
     if caption_key in sample:
         text = sample[caption_key].decode("utf-8")
     elif "json" in sample:
