@@ -65,7 +65,7 @@ class ClassifierDistillLoss(nn.Module):
             self.head_bias.copy_(bias if bias is not None else torch.zeros_like(self.head_bias))
 
     def teacher_logits(self, teacher_image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(teacher_image.float(), dim=-1) @ self.head_weight.T + self.head_bias
+        return F.normalize(teacher_image.to(self.head_weight.dtype), dim=-1) @ self.head_weight.T + self.head_bias
 
     def forward(self, student_logits: torch.Tensor, teacher_image: torch.Tensor, labels: torch.Tensor,
                 step: int = 0) -> dict[str, torch.Tensor]:

@@ -198,3 +198,60 @@ def image_student_from_state(record: dict, state: dict[str, torch.Tensor], devic
 def student_record(student: ImageStudent) -> dict:
     """What `image_student_from_state` needs besides the state_dict (stored with every export)."""
     return {"model": student.arch, "student_kind": student.kind, "force_image_size": student.image_format.size}
+
+
+# ---- files: training checkpoints and exports ------------------------------------------------------------------------
+EXPORT_KEY = "image_student"  # the record's key in an exported .pt, and its safetensors metadata key
+
+
+def read_image_student(path: str) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(record, state_dict) when `path` holds an image-only student (a training checkpoint of --student-kind
+    image/classifier, or its export), else None (a CLIP checkpoint: the caller loads it as one). weights_only."""
+    import json
+    import os
+
+    from ..errors import usage_error
+
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(path, "pt") as f:
+                meta = (f.metadata() or {}).get(EXPORT_KEY)
+            return (json.loads(meta), load_file(path)) if meta else None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one line
+        raise usage_error(f"cannot read checkpoint {path}", exc) from exc
+    if not isinstance(ckpt, dict):
+        return None
+    if isinstance(ckpt.get(EXPORT_KEY), dict) and isinstance(ckpt.get("state_dict"), dict):
+        return ckpt[EXPORT_KEY], ckpt["state_dict"]
+    args = ckpt.get("args")
+    if isinstance(args, dict) and args.get("student_kind") in KINDS and isinstance(ckpt.get("model"), dict):
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in ckpt["model"].items()}
+        return args, state
+    return None
+
+
+def load_image_student(path: str, device="cpu") -> ImageStudent | None:
+    found = read_image_student(path)
+    return image_student_from_state(found[0], found[1], device) if found else None
+
+
+def save_image_student(student: ImageStudent, out: str) -> None:
+    """A student-only file (.pt, or .safetensors with the record as metadata), atomically."""
+    import json
+
+    from ..fileio import atomic_path, torch_save
+
+    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+    if out.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        with atomic_path(out) as tmp:
+            save_file(state, tmp, metadata={EXPORT_KEY: json.dumps(student_record(student))})
+    else:
+        torch_save({EXPORT_KEY: student_record(student), "state_dict": state}, out)
