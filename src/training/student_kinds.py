@@ -215,8 +215,14 @@ def class_prompts(trainer) -> tuple[list[str], list] | None:
         return list(ds.classnames), list(ds.templates)
     names = _folder_classnames(trainer.config)
     if names:
-        return list(names), list(T.OPENAI_IMAGENET_TEMPLATES)
+        return list(names), _folder_templates(trainer.config) or list(T.OPENAI_IMAGENET_TEMPLATES)
     return None
+
+
+def _folder_templates(config: Config) -> list | None:
+    from .data.imagefolder import folder_templates
+
+    return folder_templates(config.data.train_data.split(",")) if _is_imagefolder(config) else None
 
 
 def _image_prepare(trainer) -> None:
@@ -255,8 +261,7 @@ def _classifier_prepare(trainer) -> None:
                          "--teacher and --teacher-pretrained (also with --teacher-cache)")
     names, device = trainer.student.classnames, trainer.env.device
     if trainer.loss_fn.teacher_head == "text":
-        templates = (list(trainer.evaluator.zeroshot[1].templates) if trainer.evaluator.zeroshot
-                     else list(OPENAI_IMAGENET_TEMPLATES))
+        templates = _folder_templates(trainer.config) or list(OPENAI_IMAGENET_TEMPLATES)
         head = build_classifier(model, bundle.tokenizer, names, templates, device)
         trainer.loss_fn.set_teacher_head(float(model.logit_scale.exp()) * head)
         logging.info("teacher head: zero-shot over %d classes x %d prompts", len(names), len(templates))

@@ -32,6 +32,7 @@ from .common import DataInfo, DataTransforms, collate
 from .csv import CsvDataset, GlobalBatchSampler, open_image
 
 CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "templates.txt"  # a class folder's own prompt templates (as evaluation reads them), optional
 UNLABELLED = -1
 _PROBE = 64  # images tried at start-up before a folder is declared unreadable
 
@@ -80,6 +81,16 @@ def folder_classnames(paths: list[str]) -> list[str] | None:
                                  f"class folder ({', '.join(found[:4])}, ...)")
             found = names
     return found
+
+
+def folder_templates(paths: list[str]) -> list[str] | None:
+    """The prompt templates of the first class folder among `paths` that has templates.txt, else None."""
+    from ..eval.templates import read_templates
+
+    for path in paths:
+        if os.path.isfile(os.path.join(path, CLASSNAMES_FILE)) and os.path.isfile(os.path.join(path, TEMPLATES_FILE)):
+            return list(read_templates(os.path.join(path, TEMPLATES_FILE)))
+    return None
 
 
 def _check_readable(folder: str, images: list[str]) -> None:
