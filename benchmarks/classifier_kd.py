@@ -4,7 +4,7 @@
 
 The task is the world's zero-shot classification (its class folder, 8 shapes): the first --labelled-per-class
 images of each class are the labelled split, the rest the test split; the world's caption images (no labels used)
-are the unlabelled split. Rows, all with the same student (timm resnet18 at the world's 64 px), steps, learning
+are the unlabelled split. Rows, all with the same student (timm resnet18, at 32 px for the CPU budget), steps, learning
 rate and seed, each trained by `python -m training.main --student-kind classifier`:
 
     teacher rows:   the teacher's text head (zero-shot prompts) and its linear head (fitted on the labelled split)
@@ -101,9 +101,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo", help="the quickstart's folder (world and teacher reused when present)")
     p.add_argument("--model", default="resnet18", help="the student: a timm name or an open_clip config")
+    p.add_argument("--image-size", type=int, default=32, help="the student's input size (the world is 64 px)")
     p.add_argument("--labelled-per-class", type=int, default=10)
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps of every student run")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps of every student run")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kd-temperature", type=float, default=2.0)
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
@@ -129,6 +130,7 @@ def main() -> None:
         loss = (["--classifier-kd-weight", "0", "--classifier-ce-weight", "1"] if head is None else
                 ["--teacher-head", head, "--kd-temperature", str(opts.kd_temperature)])
         cmd = [sys.executable, "-m", "training.main", "--student-kind", "classifier", "--model", opts.model,
+               "--force-image-size", str(opts.image_size),
                "--teacher", TEACHER, "--teacher-pretrained", teacher_file, "--train-data", data, *loss]
         cmd += ["--batch-size", str(opts.batch_size), "--train-num-samples", str(opts.steps * opts.batch_size),
                 "--epochs", "1", "--lr", str(opts.lr), "--wd", "0.05", "--warmup", "20", "--precision", "fp32",

@@ -80,7 +80,7 @@ def describe(model: nn.Module, arch: str) -> dict:
             "context_length": int(getattr(tokenizer, "context_length", 77)), "text_encoder": TEXT_FILE}
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: str, input_name: str, output_name: str,
+def export_module(module: nn.Module, example: torch.Tensor, path: str, input_name: str, output_name: str,
             meta: dict) -> None:
     onnx, _ = require_onnx()
     from .fileio import atomic_path
@@ -226,11 +226,11 @@ def export_onnx(checkpoint: str, out_dir: str, model_name: str | None = None, in
         tokens = open_clip.get_tokenizer(arch)(["a photo of a cat", "a dog", "x"])
         text_path = os.path.join(out_dir, TEXT_FILE)
         text_module = ClipTextEncoder(clip).eval()
-        _export(text_module, tokens, text_path, "text", "embedding", meta)
+        export_module(text_module, tokens, text_path, "text", "embedding", meta)
         report[TEXT_FILE] = parity(text_module, text_path, tokens)
     example = torch.randn(3, 3, fmt.size, fmt.size)
     image_path = os.path.join(out_dir, IMAGE_FILE)
-    _export(image_module, example, image_path, "image", output, meta)
+    export_module(image_module, example, image_path, "image", output, meta)
     report[IMAGE_FILE] = parity(image_module, image_path, example)
     for name, diff in report.items():
         if diff > PARITY_ATOL:

@@ -163,7 +163,7 @@ def _classifier_loss(config: Config, student, teacher):
 
 
 def _classifier_loss_inputs(student: dict, teacher: dict | None, batch: dict, step: int, device) -> dict:
-    return dict(student_logits=student["logits"], teacher_image=teacher["image_features"][0],
+    return dict(student_logits=student["logits"], teacher_image=teacher["image_features"][0] if teacher else None,
                 labels=batch["label"].to(device, non_blocking=True), step=step)
 
 

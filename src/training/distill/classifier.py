@@ -39,7 +39,6 @@ def labelled_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class ClassifierDistillLoss(nn.Module):
     """The loss module the trainer runs for classifier students (the interface of DistillLoss it uses)."""
 
-    needs_teacher = True
     needs_intermediates = False
     mask_ratio = 0.0
 
@@ -54,6 +53,7 @@ class ClassifierDistillLoss(nn.Module):
             raise SpecError(f"classifier loss weights must be >= 0 and not both 0 (kd {kd_weight}, ce {ce_weight})")
         self.teacher_head, self.tau = teacher_head, float(kd_temperature)
         self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
+        self.needs_teacher = self.kd_weight > 0  # labels only (kd weight 0): the teacher does not run
         self.register_buffer("head_weight", torch.zeros(num_classes, teacher_dim))
         self.register_buffer("head_bias", torch.zeros(num_classes))
 
