@@ -55,6 +55,7 @@ def main() -> None:
     t0 = time.time()
     world, teacher_file, _ = prepare_teacher(opts.out, opts.threads)
     work = os.path.join(opts.out, "int8")
+    os.makedirs(work, exist_ok=True)
     images = os.path.join(world.data_root, "images", "train")
     cmd = [sys.executable, "-m", "training.main", "--student-kind", "image", "--model", opts.model,
            "--force-image-size", str(opts.image_size), "--teacher", "tiny-teacher", "--teacher-pretrained",
