@@ -90,7 +90,7 @@ def main() -> None:
                 times[(key, b)].append((time.perf_counter() - start) / opts.iters)
     median = {k: statistics.median(v) for k, v in times.items()}
     params = {"student": sum(q.numel() for q in student.parameters()) / 1e6,
-              "teacher": sum(q.numel() for q in teacher.parameters()) / 1e6}
+              "teacher": sum(q.numel() for q in teacher.clip.visual.parameters()) / 1e6}  # the image tower only
     print(f"{opts.size}x{opts.size}, fp32 unless said, {opts.threads} threads, median of {opts.rounds} rounds x "
           f"{opts.iters} passes\n")
     print("| model | runtime | batch | latency (ms / batch) | throughput (images/s) | student speed-up |")
