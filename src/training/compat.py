@@ -58,7 +58,7 @@ FLAGS: tuple[Flag, ...] = (
     _native("--train-data-upsampling-factors", OPEN_CLIP),
     _native("--val-data", note="a retrieval CSV or Karpathy JSON"),
     _native("--train-num-samples"), _native("--val-num-samples"),
-    _native("--dataset-type", note="auto | csv | synthetic | webdataset; CLIP-KD's icar and vl_imagenet are refused "
+    _native("--dataset-type", note="auto | csv | synthetic | webdataset | imagefolder; CLIP-KD's icar and vl_imagenet are refused "
                                    "(class-balanced ImageNet mixing is not part of this project)"),
     _native("--dataset-resampled"), _native("--csv-separator"), _native("--csv-img-key"), _native("--csv-caption-key"),
     _native("--data-root", CLIP_KD, "root of relative CSV image paths (comma list, one per --train-data CSV)"),
@@ -256,7 +256,7 @@ def precision(value: str) -> str:
     return value
 
 
-DATASET_TYPES = ("auto", "csv", "synthetic", "webdataset")
+DATASET_TYPES = ("auto", "csv", "synthetic", "webdataset", "imagefolder")
 REFUSED_DATASET_TYPES = ("icar", "vl_imagenet")
 
 

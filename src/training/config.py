@@ -55,6 +55,7 @@ class ModelConfig:
     force_custom_text: bool = False
     pretrained_image: bool = False
     cache_dir: str | None = None
+    student_kind: str = "clip"  # clip | image | classifier (training/student_kinds.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,9 @@ class DistillConfig:
     kd_compat: str = "none"
     local_loss: bool = False
     gather_with_grad: bool = False
+    teacher_head: str = "text"  # classifier students: the teacher's class logits (distill/classifier.py)
+    classifier_kd_weight: float = 1.0
+    classifier_ce_weight: float = 0.0
 
     @property
     def overrides(self) -> dict[str, float]:

@@ -305,11 +305,46 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--name", default=None, help="the model's name in the card (default: the folder's name)")
     hf.add_argument("--license", default=None, help="license for the card's metadata (e.g. mit); omitted if unset")
     hf.add_argument("--overwrite", action="store_true", help="replace the export in a non-empty output folder")
+    add_onnx_flags(p)
     return p
+
+
+def add_onnx_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ONNX (--onnx; needs the onnx extra: onnx, onnxruntime)")
+    g.add_argument("--onnx", action="store_true",
+                   help="write OUT/image_encoder.onnx (with the student's class head when it has one) and, for "
+                        "two-tower students, OUT/text_encoder.onnx: dynamic batch, opset 17, checked against "
+                        "PyTorch (docs/export.md)")
+    g.add_argument("--onnx-int8", action="store_true",
+                   help="with --onnx: also OUT/image_encoder.int8.onnx, static INT8 calibrated on training images")
+    g.add_argument("--calib-data", default=None,
+                   help="with --onnx-int8: calibration images (folder or CSV; default: the recorded --train-data)")
+    g.add_argument("--calib-images", type=int, default=256, help="with --onnx-int8: number of calibration images")
+
+
+def run_onnx(args) -> int:
+    from .onnx_export import export_onnx
+
+    if args.calib_images < 1:
+        raise UsageError(f"--calib-images must be >= 1, got {args.calib_images}")
+    report = export_onnx(args.checkpoint, args.out, args.model, int8=args.onnx_int8, calib_data=args.calib_data,
+                         calib_images=args.calib_images)
+    for name, note in report.items():
+        detail = f"max abs difference vs PyTorch {note:.2e}" if isinstance(note, float) else note
+        print(f"wrote {os.path.join(args.out, name)} ({detail})")
+    print(f"run it with: python -m training.predict {os.path.join(args.out, 'image_encoder.onnx')} IMAGES...")
+    return 0
 
 
 def run(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.onnx:
+        if args.hf:
+            raise UsageError("choose one of --onnx and --hf")
+        return run_onnx(args)
+    for flag in ("onnx_int8", "calib_data"):
+        if vars(args)[flag]:
+            raise UsageError(f"--{flag.replace('_', '-')} needs --onnx")
     if args.hf:
         location = export_hf(args.checkpoint, args.out, args.model, eval_dir=args.eval_dir,
                              overwrite=args.overwrite, name=args.name, license=args.license)
@@ -319,6 +354,13 @@ def run(argv=None) -> int:
     for flag in ("eval_dir", "name", "license", "overwrite"):
         if vars(args)[flag]:
             raise UsageError(f"--{flag.replace('_', '-')} needs --hf")
+    from .models.image_student import load_image_student, save_image_student
+
+    image_student = load_image_student(released(args.checkpoint, args.model)[0])
+    if image_student is not None:  # image-only students and classifiers: the student and its head, one file
+        save_image_student(image_student, args.out)
+        print(f"wrote {args.out}; predict with: python -m training.predict {args.out} IMAGES...")
+        return 0
     arch, load_kwargs = export_student(args.checkpoint, args.out, args.model)
     extra = "".join(f", {k}={v!r}" for k, v in load_kwargs.items())
     print(f"wrote {args.out}; load it with: import training, open_clip; "

@@ -117,6 +117,40 @@ def add_optim_choice_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-cooldown-power", type=float, default=1.0, help="cooldown shape: 1 linear, 2 quadratic, ...")
 
 
+def add_student_kind_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('student kind', 'two-tower CLIP, image-only embedding student, or classifier')
+    g.add_argument("--student-kind", default="clip", choices=["clip", "image", "classifier"],
+                   help="clip: a two-tower open_clip student; image: an image-only student (any timm model or "
+                        "open_clip image tower, projected to the teacher's width) regressing the teacher's image "
+                        "embedding (emb), with a zero-shot head from the teacher's text tower saved with it; "
+                        "classifier: a timm classifier over the labelled class folder's classes, learning the "
+                        "teacher's class logits")
+    g.add_argument("--teacher-head", default="text", choices=["text", "linear"],
+                   help="classifier: the teacher's class logits from its zero-shot head (class prompts) or from a "
+                        "linear probe fitted on its features of the labelled images")
+    g.add_argument("--classifier-kd-weight", type=float, default=1.0,
+                   help="classifier: weight of the KL to the teacher's logits at --kd-temperature")
+    g.add_argument("--classifier-ce-weight", type=float, default=0.0,
+                   help="classifier: weight of the cross-entropy on the labelled samples (0: none)")
+
+
+def check_student_kind(config: Config) -> None:
+    """What only a clip student supports, refused in one line for image-only students and classifiers."""
+    kind, model = config.model.student_kind, config.model
+    if kind == "clip":
+        if config.distill.teacher_head != "text" or config.distill.classifier_ce_weight:
+            raise UsageError("--teacher-head and --classifier-ce-weight need --student-kind classifier")
+        return
+    refused = [("--accum-freq > 1", config.optim.accum_freq > 1), ("--init-from-teacher", model.init_from_teacher),
+               ("--lock-text", model.lock_text), ("--lock-image", model.lock_image),
+               ("--fsdp/--deepspeed/--horovod", config.parallel.engine != "ddp")]
+    for flag, given in refused:
+        if given:
+            raise UsageError(f"{flag} is not supported with --student-kind {kind} (a clip-student option)")
+    if kind == "image" and config.distill.teacher_head != "text":
+        raise UsageError("--teacher-head needs --student-kind classifier")
+
+
 def add_teacher_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('teacher', 'the frozen teacher CLIP (one model or an ensemble)')
     g.add_argument("--teacher", "--t-model", "--distill-model", dest="teacher", default=None,
@@ -198,15 +232,18 @@ def add_csv_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default=None,
                    help="root joined to relative CSV image paths (training: a comma list matching the CSV list)")
     g.add_argument("--csv-img-key", default="filepath")
-    g.add_argument("--csv-caption-key", default="title")
+    g.add_argument("--csv-caption-key", default="title", help="caption column; '' for a table without captions "
+                   "(image-only students)")
     g.add_argument("--csv-separator", default="\t")
 
 
 def add_data_source_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group('training data', 'CSV files, WebDataset shards or the synthetic set')
     g.add_argument("--train-data", default=None,
-                   help="CSV file(s) (comma list), or WebDataset shards (brace patterns, '::' joins sources)")
-    g.add_argument("--dataset-type", default="auto", type=compat.dataset_type, metavar="|".join(compat.DATASET_TYPES))
+                   help="CSV file(s) (comma list), WebDataset shards (brace patterns, '::' joins sources), or image "
+                        "folder(s) without captions (comma list; class folders with classnames.txt carry labels)")
+    g.add_argument("--dataset-type", default="auto", type=compat.dataset_type, metavar="|".join(compat.DATASET_TYPES),
+                   help="auto: webdataset for .tar patterns, csv for .csv/.tsv/.txt, imagefolder for folders")
     g.add_argument("--train-num-samples", type=int, default=None,
                    help="samples per epoch (required for WebDataset; caps/extends CSV epochs)")
     g.add_argument("--synthetic-num-samples", type=int, default=1024, help="size of --dataset-type synthetic")
@@ -217,7 +254,8 @@ def add_data_source_flags(p: argparse.ArgumentParser) -> None:
                         "needs --dataset-resampled")
     g.add_argument("--wds-caption-key", default="txt",
                    help="WebDataset caption: a tar member extension (txt), else this (dotted) field of the .json member; "
-                        "a comma list (txt,syn.txt) or a JSON list value gives several captions per image")
+                        "a comma list (txt,syn.txt) or a JSON list value gives several captions per image; '' for "
+                        "shards without captions (image-only students)")
     g.add_argument("--captions-per-step", type=int, default=1, choices=[1, 2],
                    help="captions per image and step, drawn from its K captions by (seed, epoch, key): 2 computes "
                         "every term for both and averages them (MobileCLIP's two-caption form)")
@@ -362,9 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil a frozen teacher CLIP into a student CLIP (open_clip models).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add in (add_model_flags, add_model_build_flags, add_teacher_flags, add_distill_flags, add_data_source_flags,
-                add_csv_flags, add_val_flags, add_teacher_cache_flags, add_loader_flags, add_optim_flags,
-                add_optim_choice_flags, add_runtime_flags, add_parallel_flags, add_checkpoint_flags,
+    for add in (add_model_flags, add_model_build_flags, add_student_kind_flags, add_teacher_flags, add_distill_flags,
+                add_data_source_flags, add_csv_flags, add_val_flags, add_teacher_cache_flags, add_loader_flags,
+                add_optim_flags, add_optim_choice_flags, add_runtime_flags, add_parallel_flags, add_checkpoint_flags,
                 add_logging_flags, add_eval_flags, add_imagenet_eval_flags, compat.add_refused_flags):
         add(p)
     return p
@@ -387,6 +425,7 @@ RANGES: dict[str, str] = {
     "sigmoid_chunk": "[1, inf)",
     "mask_ratio": "[0, 1)",
     "kd_teacher_member": "[0, inf)",
+    "classifier_kd_weight": "[0, inf)", "classifier_ce_weight": "[0, inf)",
     # data
     "train_num_samples": "[1, inf)",
     "val_num_samples": "[1, inf)",
@@ -489,6 +528,7 @@ def validate_args(args: argparse.Namespace) -> Config:
         if values[dest] and not values[needed]:  # given a non-default (0 / off) value
             raise UsageError(f"{_flag(dest)} needs {_flag(needed)}")
     config = Config.from_args(args)
+    check_student_kind(config)
     teacher, distill, name = config.teacher, config.distill, config.logging.name
     if teacher.teacher is not None and not teacher.models:
         raise UsageError(f"--teacher {teacher.teacher!r} names no model")

@@ -40,10 +40,11 @@ def batch_text(batch: dict, name: str = "text") -> torch.Tensor:
     return batch[name]
 
 
-def model_inputs(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image, text tokens); text is None for caption-less batches (image-only students)."""
     device = trainer.env.device
     image = batch["image"].to(device, dtype=trainer.precision.batch_dtype, non_blocking=True)
-    return image, batch_text(batch).to(device, non_blocking=True)
+    return image, batch_text(batch).to(device, non_blocking=True) if "text" in batch else None
 
 
 def student_forward(trainer, image: torch.Tensor, text: torch.Tensor, micro_batch: int = 0) -> dict:
@@ -66,11 +67,14 @@ def _caption_halves(tree, n: int, half: int):
     return tree[half * n:(half + 1) * n] if torch.is_tensor(tree) and tree.ndim > 0 and tree.shape[0] == 2 * n else tree
 
 
-def distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
+def distill_losses(trainer, student: dict, teacher: dict | None, batch: dict | None = None
+                   ) -> dict[str, torch.Tensor]:
     """The loss terms. With two captions per image (--captions-per-step 2: text rows [2B]) every term is computed
-    for the image with each caption and the two results averaged (MobileCLIP's two-caption loss)."""
+    for the image with each caption and the two results averaged (MobileCLIP's two-caption loss). The student kind
+    says what the loss reads (student_kinds.py)."""
     n = student["image_features"].shape[0]
-    if trainer.config.data.captions_per_step == 2 and student["text_features"].shape[0] == 2 * n:
+    text = student.get("text_features")
+    if trainer.config.data.captions_per_step == 2 and text is not None and text.shape[0] == 2 * n:
         text_keys = ("text_features", "text_intermediates")
         halves = []
         for half in (0, 1):
@@ -81,24 +85,14 @@ def distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, to
                 if "intermediates" in teacher:
                     t["intermediates"] = {**teacher["intermediates"],
                                           "text": _caption_halves(teacher["intermediates"]["text"], n, half)}
-            halves.append(_distill_losses(trainer, s, t))
+            halves.append(_distill_losses(trainer, s, t, batch))
         return {k: 0.5 * (halves[0][k] + halves[1][k]) for k in halves[0]}
-    return _distill_losses(trainer, student, teacher)
+    return _distill_losses(trainer, student, teacher, batch)
 
 
-def _distill_losses(trainer, student: dict, teacher: dict | None) -> dict[str, torch.Tensor]:
-    return trainer.loss_fn(
-        student_image=student["image_features"], student_text=student["text_features"],
-        student_scale=student["logit_scale"],
-        teacher_image=teacher["image_features"] if teacher else None,
-        teacher_text=teacher["text_features"] if teacher else None,
-        teacher_scale=teacher["logit_scales"] if teacher else None,
-        student_bias=student.get("logit_bias"),
-        teacher_bias=teacher.get("logit_biases") if teacher else None,
-        step=trainer.step,
-        student_intermediates={"image": student["image_intermediates"], "text": student["text_intermediates"]},
-        teacher_intermediates=teacher.get("intermediates") if teacher else None,
-    )
+def _distill_losses(trainer, student: dict, teacher: dict | None, batch: dict | None) -> dict[str, torch.Tensor]:
+    return trainer.loss_fn(**trainer.kind.loss_inputs(student, teacher, batch or {}, trainer.step,
+                                                      trainer.env.device))
 
 
 def _skip_nonfinite(trainer, total: torch.Tensor) -> bool:
@@ -124,7 +118,7 @@ def train_step(trainer, batch: dict) -> dict[str, torch.Tensor] | None:
     with trainer.precision.autocast():
         teacher = teacher_outputs(trainer, batch, image, text) if trainer.loss_fn.needs_teacher else None
         student = student_forward(trainer, image, text)
-        losses = distill_losses(trainer, student, teacher)
+        losses = distill_losses(trainer, student, teacher, batch)
     if _skip_nonfinite(trainer, losses["total"]):
         return None
     trainer.engine.backward(losses["total"])
@@ -158,7 +152,7 @@ def accumulated_step(trainer, micro_batches: list[dict]) -> dict[str, torch.Tens
     teacher = accumulation.concat(teachers)
     del students, teachers
     with autocast():
-        losses = distill_losses(trainer, student, teacher)
+        losses = distill_losses(trainer, student, teacher)  # --accum-freq > 1: clip students (validate_args)
     if _skip_nonfinite(trainer, losses["total"]):
         return None
     engine.scale_loss(losses["total"]).backward()  # gradients of the cached outputs and of the loss-side heads

@@ -25,11 +25,11 @@ from .checkpoint import CheckpointManager
 from .config import Config, DistillConfig
 from .data import DataTransforms, get_data
 from .data.transforms import EvalTransform, PairedViews
-from .distill import create_distill_loss, resolve_spec
+from .distill import resolve_spec
 from .errors import TeacherCacheError, UsageError
 from .eval.hook import TrainingEvaluator
 from .logger import MetricLogger, WandbRun
-from .models import ModelBundle, StudentModel, Teacher, create_student, create_teacher, embed_dim
+from .models import ModelBundle, StudentModel, create_teacher
 from .models.inherit import init_student_from_teacher
 from .models.towers import check_masking_supported
 from .optim import create_optimizer, param_groups
@@ -37,6 +37,7 @@ from .precision import make_grad_scaler, resolve
 from .preemption import StopRequest
 from .remote_sync import RemoteSync
 from .scheduler import LRSchedule
+from .student_kinds import student_kind
 from .tokenizers import same_tokenizer
 from .train import accumulated_step, train_step
 
@@ -76,7 +77,7 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
     """One random view rendered for both models; the teacher's own tokenizer only when it differs."""
     teacher_fmt = teacher.image_format if teacher else None
     teacher_tok = None
-    if teacher and not same_tokenizer(teacher.tokenizer, student.tokenizer):
+    if teacher and student.tokenizer is not None and not same_tokenizer(teacher.tokenizer, student.tokenizer):
         teacher_tok = teacher.tokenizer
         logging.info("the teacher tokenises captions with its own tokenizer (%s, context %d)",
                      type(teacher_tok).__name__, teacher.context_length)
@@ -154,27 +155,23 @@ class Trainer:
         engine_name = config.parallel.engine
         # --precision bf16: FSDP2 and DeepSpeed cast the weights themselves (fp32 master weights); DDP and Horovod
         # train open_clip's bf16 model, as open_clip does
-        self.student_bundle = create_student(config.model, env.device, low_precision="bf16" if
-                                             self.precision.low_precision_weights and engine_name in
-                                             ("ddp", "horovod") else None)
-        self.student = self.student_bundle.model  # the bare open_clip student (what evaluation and export see)
-        self.teacher, teacher_bundle, cache = open_teacher(config, env.device)
-        self.teacher_bundle = teacher_bundle
-        if config.eval.t_eval and teacher_bundle is None:
+        self.kind = student_kind(config.model.student_kind)  # clip | image | classifier (student_kinds.py)
+        self.student_bundle, self.teacher, self.teacher_bundle, cache = self.kind.open_models(
+            config, env.device, "bf16" if self.precision.low_precision_weights and engine_name in ("ddp", "horovod")
+            else None)
+        self.student = self.student_bundle.model  # the bare student (what evaluation and export see)
+        if config.eval.t_eval and self.teacher_bundle is None:
             raise UsageError("--t-eval evaluates the live teacher: not with --teacher-cache")
         if config.model.init_from_teacher:  # weight inheritance: an init, so a --resume checkpoint overwrites it
             init_student_from_teacher(self.student, self.teacher, config.model, config.teacher)
-        teacher_dims = self.teacher.embed_dims if self.teacher is not None else []
-        members = list(self.teacher.members) if isinstance(self.teacher, Teacher) else None  # feat: live towers
-        self.loss_fn = create_distill_loss(config.distill, embed_dim(self.student), teacher_dims, seed=config.seed,
-                                           student_model=self.student, teacher_model=members).to(env.device)
+        self.loss_fn = self.kind.create_loss(config, self.student, self.teacher).to(env.device)
         if self.loss_fn.needs_teacher and self.teacher is None:
             raise UsageError("the --distill spec has teacher terms but no --teacher was given")
-        check_teacher_biases(self.loss_fn, self.teacher)
+        self.kind.prepare(self)  # image-only students: the class heads, from the teacher, once (before wrapping)
         self.loss_fn.sync_()
         logging.info("distillation: %s", self.loss_fn.describe())
 
-        forward = student_forward_module(self.student, self.loss_fn, self.teacher, config.distill, env.device)
+        forward = self.kind.forward_module(self.student, self.loss_fn, self.teacher, config, env.device)
         self.scaler = make_grad_scaler(self.precision, sharded=engine_name == "fsdp")
         optim = config.optim
         self.engine = parallel.create_engine(  # DDP, FSDP2, DeepSpeed or Horovod; the optimizer is built after wrapping
@@ -186,7 +183,7 @@ class Trainer:
         logging.info("student engine: %s", self.engine.describe())
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
 
-        transforms = build_transforms(self.student_bundle, teacher_bundle, config.seed, cache)
+        transforms = build_transforms(self.student_bundle, self.teacher_bundle, config.seed, cache)
         data = get_data(config.data, transforms, seed=config.seed, image_size=self.student_bundle.image_format.size
                         )["train"]
         self.data = group_micro_batches(data, optim.accum_freq)  # --accum-freq K: K micro-batches per step

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import DataConfig
+from ..config import DataConfig, comma_list
 from ..errors import TeacherCacheError, UsageError
 from .common import DataInfo, DataTransforms, collate, make_sample
 
@@ -14,15 +14,19 @@ __all__ = ["DataInfo", "DataTransforms", "TeacherCacheError", "collate", "datase
 def infer_dataset_type(train_data: str | None) -> str:
     if not train_data:
         return "synthetic"
+    import os
+
+    if all(os.path.isdir(p) for p in comma_list(train_data)):  # caption-less image folders
+        return "imagefolder"
     if ".tar" in train_data or train_data.startswith(("pipe:", "s3://", "gs://")):
         return "webdataset"
     if train_data.split(",")[0].endswith((".csv", ".tsv", ".txt")):
         return "csv"
-    raise UsageError(f"cannot infer the dataset type of '{train_data}': pass --dataset-type csv|webdataset")
+    raise UsageError(f"cannot infer the dataset type of '{train_data}': pass --dataset-type csv|webdataset|imagefolder")
 
 
 def dataset_type(data: DataConfig) -> str:
-    """csv, webdataset or synthetic: --dataset-type, or what --train-data looks like under `auto`."""
+    """csv, webdataset, imagefolder or synthetic: --dataset-type, or what --train-data looks like under `auto`."""
     return infer_dataset_type(data.train_data) if data.dataset_type == "auto" else data.dataset_type
 
 
@@ -42,6 +46,10 @@ def get_data(data: DataConfig, transforms: DataTransforms, *, seed: int, epoch: 
         from .csv import get_csv_dataset
 
         return {"train": get_csv_dataset(data, transforms, seed=seed, epoch=epoch)}
+    if kind == "imagefolder":
+        from .imagefolder import get_imagefolder_dataset
+
+        return {"train": get_imagefolder_dataset(data, transforms, seed=seed, epoch=epoch)}
     if kind == "webdataset":
         from .wds import get_wds_dataset
 

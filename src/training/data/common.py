@@ -149,7 +149,8 @@ def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, 
             sample["teacher_image"] = teacher_tf(image)
     for i, c in enumerate(chosen):
         suffix = "" if i == 0 else f"_{i + 1}"  # text, text_2
-        sample["text" + suffix] = transforms.tokenizer([captions[c]])[0]
+        if transforms.tokenizer is not None:  # None: the student has no text tower (image-only students)
+            sample["text" + suffix] = transforms.tokenizer([captions[c]])[0]
         if transforms.teacher_tokenizer is not None:
             sample["teacher_text" + suffix] = transforms.teacher_tokenizer([captions[c]])[0]
     sample["caption_index"] = torch.tensor(chosen, dtype=torch.long)  # [captions_per_step]

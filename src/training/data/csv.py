@@ -59,14 +59,15 @@ def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, capt
                              if len(sep) > 1 else "c")
         except Exception as exc:  # pandas raises many types for malformed files
             raise usage_error(f"cannot parse CSV {path}", exc) from exc
-        for key in (img_key, caption_key):
+        for key in (img_key, caption_key) if caption_key else (img_key,):  # caption_key '': no caption column
             if key not in df.columns:
                 raise UsageError(f"{path} has no column '{key}' (columns: {', '.join(map(str, df.columns))}); "
                                  f"set --csv-img-key/--csv-caption-key/--csv-separator")
         stem = os.path.splitext(os.path.basename(path))[0]
-        for row, (img, cap) in enumerate(zip(df[img_key].tolist(), df[caption_key].tolist())):
+        caps = df[caption_key].tolist() if caption_key else [""] * len(df)
+        for row, (img, cap) in enumerate(zip(df[img_key].tolist(), caps)):
             cap = parse_caption_list(str(cap))  # a JSON list cell holds several captions
-            if not (cap.strip() if isinstance(cap, str) else cap):
+            if caption_key and not (cap.strip() if isinstance(cap, str) else cap):
                 dropped["empty_caption"] += 1
                 continue
             images.append(os.path.join(root, img) if root and not os.path.isabs(img) else img)

@@ -296,7 +296,8 @@ class DistillLoss(nn.Module):
             out["uncertainty_reg"] = reg
             total = total + reg
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
-            total = total + 0.0 * (ctx.s_v.sum() + ctx.s_t.sum())  # nothing active at this step: zero, in the graph
+            # nothing active at this step: zero, in the graph
+            total = total + 0.0 * (ctx.s_v.sum() + (ctx.s_t.sum() if ctx.s_t is not None else 0.0))
         out["total"] = total
         return out
 

@@ -48,7 +48,7 @@ class Views:
         self.loss = loss
         self.student_intermediates, self.teacher_intermediates = student_intermediates, teacher_intermediates
         self.rank, self.world = distributed.world_info()
-        self.s_v, self.s_t = upcast(s_v), upcast(s_t)
+        self.s_v, self.s_t = upcast(s_v), (upcast(s_t) if s_t is not None else None)  # None: image-only student
         self.s_vm = upcast(s_v_masked) if s_v_masked is not None else None
         self.ls = upcast(ls) if isinstance(ls, torch.Tensor) else ls
         self.s_bias = upcast(s_bias) if isinstance(s_bias, torch.Tensor) else s_bias
@@ -58,15 +58,16 @@ class Views:
         self._cache: dict = {}
         self.t_v = [x.detach().to(dtype) for x in as_list(t_v)] if t_v is not None else None
         self.t_t = [x.detach().to(dtype) for x in as_list(t_t)] if t_t is not None else None
-        if loss.needs_teacher and (self.t_v is None or self.t_t is None):
+        if loss.needs_teacher and (self.t_v is None or (self.t_t is None and self.s_t is not None)):
             raise ValueError(f"spec '{loss.spec}' needs teacher_image and teacher_text")
         if self.t_v is not None:
             k = len(self.t_v)
-            if len(self.t_t) != k or len(loss.teacher_dims) not in (0, k):
-                raise ValueError(f"teacher ensemble: {len(self.t_v)} image, {len(self.t_t)} text feature tensors "
+            t_t = self.t_t if self.t_t is not None else self.t_v  # image-only: only the image widths to check
+            if len(t_t) != k or len(loss.teacher_dims) not in (0, k):
+                raise ValueError(f"teacher ensemble: {len(self.t_v)} image, {len(t_t)} text feature tensors "
                                  f"for {len(loss.teacher_dims)} teacher(s)")
             dims = loss.teacher_dims or [x.shape[-1] for x in self.t_v]
-            if [x.shape[-1] for x in self.t_v] != dims or [x.shape[-1] for x in self.t_t] != dims:
+            if [x.shape[-1] for x in self.t_v] != dims or [x.shape[-1] for x in t_t] != dims:
                 raise ValueError(f"teacher feature widths {[x.shape[-1] for x in self.t_v]} do not match "
                                  f"teacher_dim {dims}")
             if loss.teacher_logit_scales is not None:  # per member (MobileCLIP2's 70/60)
@@ -144,6 +145,9 @@ class Views:
         mod = self._mod(mod)
         canon = self.canon(view)
         local = {"v": self.s_v, "t": self.s_t, "vm": self.s_vm}[mod]
+        if local is None:
+            raise ValueError(f"spec '{self.loss.spec}' reads the student's {'text' if mod == 't' else 'masked image'} "
+                             "features, which this student does not give (image-only students train on emb)")
         if canon[0] == "local":
             return local
 

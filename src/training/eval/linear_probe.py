@@ -83,10 +83,10 @@ def _score(x_fit, y_fit, x_eval, y_eval, num_classes, wd, max_iter) -> dict[str,
     return metrics_from_counts(classification_counts(xe @ w + b, y_eval, num_classes))
 
 
-def linear_probe_from_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                               test_y: torch.Tensor, num_classes: int, wd_grid: Sequence[float] = DEFAULT_WD_GRID,
-                               val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0) -> dict[str, float]:
-    """Weight-decay sweep on a held-out part of train, refit on all train, test metrics (collective)."""
+def select_weight_decay(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                        wd_grid: Sequence[float] = DEFAULT_WD_GRID, val_fraction: float = 0.2, max_iter: int = 1000,
+                        seed: int = 0) -> tuple[float, float]:
+    """(weight decay, its held-out top-1): the sweep on a seeded held-out part of train (collective)."""
     rank, world = world_info()
     device = train_x.device
     wd_grid = list(wd_grid)
@@ -102,9 +102,31 @@ def linear_probe_from_features(train_x: torch.Tensor, train_y: torch.Tensor, tes
         best = max(range(len(wd_grid)), key=lambda g: (val_acc[g], wd_grid[g]))  # ties: the stronger decay
     else:
         val_acc, best = [float("nan")], 0
-    metrics = _score(train_x, train_y, test_x, test_y, num_classes, wd_grid[best], max_iter)
-    metrics["weight_decay"] = float(wd_grid[best])
-    metrics["val_top1"] = float(val_acc[best])
+    return float(wd_grid[best]), float(val_acc[best])
+
+
+def fit_linear_head(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                    wd_grid: Sequence[float] = DEFAULT_WD_GRID, val_fraction: float = 0.2, max_iter: int = 1000,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The probe as a head on raw features: (W [C, D], b [C], weight decay) with logits = x W^T + b, the
+    standardisation folded in (collective: the sweep is select_weight_decay's)."""
+    wd, _ = select_weight_decay(train_x, train_y, num_classes, wd_grid, val_fraction, max_iter, seed)
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
+    w, b = fit_logistic((train_x - mean) / std, train_y, num_classes, wd, max_iter)
+    w_raw = w / std.T  # ((x - m) / s) W = x (W / s) - (m / s) W
+    return w_raw.T.contiguous(), (b - (mean / std) @ w).squeeze(0), wd
+
+
+def linear_probe_from_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                               test_y: torch.Tensor, num_classes: int, wd_grid: Sequence[float] = DEFAULT_WD_GRID,
+                               val_fraction: float = 0.2, max_iter: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Weight-decay sweep on a held-out part of train, refit on all train, test metrics (collective)."""
+    rank, _ = world_info()
+    device = train_x.device
+    wd, val_top1 = select_weight_decay(train_x, train_y, num_classes, wd_grid, val_fraction, max_iter, seed)
+    metrics = _score(train_x, train_y, test_x, test_y, num_classes, wd, max_iter)
+    metrics["weight_decay"] = wd
+    metrics["val_top1"] = val_top1
     keys = sorted(metrics)
     shared = torch.tensor([metrics[k] if rank == 0 else 0.0 for k in keys], dtype=torch.float64, device=device)
     return dict(zip(keys, reduce_sum(shared).tolist()))  # rank 0's numbers everywhere

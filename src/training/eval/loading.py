@@ -29,7 +29,15 @@ def model_id(arch: str, pretrained: str | None) -> str:
 
 def load_model(arch: str, pretrained: str | None, device: torch.device):
     """(model in eval mode on device, preprocess_val, tokenizer, open_clip name): built as training builds models
-    (`models.create_clip`), with open_clip's validation transform for the model's preprocessing config."""
+    (`models.create_clip`), with open_clip's validation transform for the model's preprocessing config. A file
+    holding an image-only student (models/image_student.py) gives that student, its own transform and no
+    tokenizer."""
+    from ..data.transforms import EvalTransform
+    from ..models.image_student import load_image_student
+
+    student = load_image_student(pretrained) if is_local_path(pretrained) else None
+    if student is not None:  # an image-only student or classifier: no text tower, its own class head
+        return student.to(device).eval(), EvalTransform(student.image_format), None, student.arch
     model = create_clip(arch, pretrained, torch.device("cpu"))
     preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
     return model.to(device).eval(), preprocess, open_clip.get_tokenizer(model.arch_name), model.arch_name

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distributed import detect_world, world_info
+from ..errors import UsageError
 from .datasets import ClassificationSet, DatasetSpec, RetrievalSet, has_train_split, load_classification, load_retrieval
 from .linear_probe import DEFAULT_WD_GRID, run_linear_probe
 from .loading import load_model, model_id
@@ -101,6 +102,9 @@ def run_job(job: Job, model, preprocess, tokenizer, device: torch.device, opts: 
     if job.task == "zeroshot":
         return run_zeroshot(model, tokenizer, job.data, preprocess, device, **common)
     if job.task == "retrieval":
+        if tokenizer is None:
+            raise UsageError(f"{job.spec.name}: retrieval needs a text tower, which an image-only student does not "
+                             "have (drop the retrieval set or task)")
         return run_retrieval(model, tokenizer, job.data, preprocess, device, **common)
     return run_linear_probe(model, job.train, job.data, preprocess, device, model_id=mid, cache_dir=opts.cache_dir,
                             wd_grid=opts.wd_grid, val_fraction=opts.lp_val_fraction, max_iter=opts.lp_max_iter,

@@ -75,11 +75,35 @@ def metrics_from_counts(counts: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dic
     return out
 
 
+def saved_head(model, dataset: ClassificationSet) -> torch.Tensor | None:
+    """The class embeddings saved with an image-only student (models/image_student.py), None for a two-tower model.
+    A head for other classes, or none at all, is a one-line error: such a student has no text tower to build one."""
+    if not hasattr(model, "class_embeddings") or getattr(model, "kind", None) != "image":
+        if getattr(model, "kind", None) == "classifier":
+            from ..models.image_student import ClassHeadError
+
+            raise ClassHeadError("zero-shot needs a two-tower model or an image student with a class head; a "
+                                 "classifier is scored by --tasks linear_probe or training.predict")
+        return None
+    from ..models.image_student import ClassHeadError
+
+    if not model.has_head:
+        raise ClassHeadError(f"{dataset.name}: this image-only student has no class head and no text tower to build "
+                             "one (train it with --zeroshot-data or a class folder and a live --teacher)")
+    if model.classnames != list(dataset.classnames):
+        raise ClassHeadError(f"{dataset.name}: the student's class head covers {model.num_classes} classes "
+                             f"({', '.join(model.classnames[:3])}, ...), not this set's {dataset.num_classes} "
+                             f"({', '.join(dataset.classnames[:3])}, ...)")
+    return model.class_embeddings.float()
+
+
 def run_zeroshot(model, tokenizer: Callable, dataset: ClassificationSet, transform: Callable, device: torch.device,
                  batch_size: int = 64, workers: int = 0, precision: str | None = None,
                  classifier: torch.Tensor | None = None, log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Zero-shot metrics of `model` on `dataset` (collective). Returns top1, top5, mean_per_class_recall (fractions)."""
     t0 = time.time()
+    if classifier is None:
+        classifier = saved_head(model, dataset)
     if classifier is None:
         classifier = build_classifier(model, tokenizer, dataset.classnames, dataset.templates, device, precision)
     counts = torch.zeros(3, dataset.num_classes, dtype=torch.float64, device=device)

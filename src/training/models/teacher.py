@@ -36,7 +36,8 @@ class Teacher(nn.Module):
         self.intermediate_layers, self.intermediate_member = layers, member
 
     @torch.no_grad()
-    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    def forward(self, image: torch.Tensor, text: torch.Tensor | None) -> dict[str, list[torch.Tensor]]:
+        """Per member: L2-normalised image (and, given `text`, text) features and exp(logit scale)."""
         layers = self.intermediate_layers
         out: dict = {"image_features": [], "text_features": [], "logit_scales": [], "logit_biases": []}
         for i, member in enumerate(self.members):
@@ -44,9 +45,12 @@ class Teacher(nn.Module):
             f = forward_features(member, image, text, image_layers=wanted.get("image"),
                                  text_layers=wanted.get("text"))
             out["image_features"].append(torch.nn.functional.normalize(f["image_features"], dim=-1))
-            out["text_features"].append(torch.nn.functional.normalize(f["text_features"], dim=-1))
+            if text is not None:  # image-only students: the text tower does not run
+                out["text_features"].append(torch.nn.functional.normalize(f["text_features"], dim=-1))
             out["logit_scales"].append(f["logit_scale"].float())
             out["logit_biases"].append(f["logit_bias"].float() if "logit_bias" in f else None)
             if wanted:
-                out["intermediates"] = {"image": f["image_intermediates"], "text": f["text_intermediates"]}
+                out["intermediates"] = {"image": f["image_intermediates"], "text": f.get("text_intermediates")}
+        if text is None:
+            out["text_features"] = None
         return out

@@ -39,6 +39,7 @@ from .format import (
     SHARD_DIR,
     caption_hash,
     file_sha256,
+    hash64,
     shard_tensors,
     weights_sha256,
     write_shard,
@@ -96,6 +97,19 @@ def plan_csv(data: DataConfig, samples_per_shard: int) -> tuple[dict, list[Task]
     return identity, tasks, {"images": images, "captions": captions, "keys": keys}
 
 
+def plan_imagefolder(data: DataConfig, samples_per_shard: int) -> tuple[dict, list[Task], dict]:
+    """Caption-less image folders: read by the training loader's reader, built as the CSV rows are (caption '')."""
+    from ..data.imagefolder import read_image_folders
+
+    table = read_image_folders([p for p in data.train_data.split(",") if p])
+    per = max(1, int(samples_per_shard))
+    n = len(table.keys)
+    tasks = [Task(i, f"folder-{i:06d}", start=s, end=min(s + per, n)) for i, s in enumerate(range(0, n, per))]
+    identity = {"dataset_type": "imagefolder", "images": n, "keys_hash64": hash64("\n".join(table.keys)),
+                "samples_per_shard": per}
+    return identity, tasks, {"images": table.images, "captions": [""] * n, "keys": table.keys}
+
+
 def plan_wds(data: DataConfig) -> tuple[dict, list[Task], dict]:
     sources = expand_sources(data.train_data)
     key_format = data.wds_key_format or "auto"
@@ -108,7 +122,7 @@ def plan_wds(data: DataConfig) -> tuple[dict, list[Task], dict]:
     check_url_support([t.url for t in tasks])
     identity = {"dataset_type": "webdataset", "shards": [shard_stem(t.url) for t in tasks],
                 "sources": names, "key_format": key_format,
-                "caption_key": data.wds_caption_key or "txt"}
+                "caption_key": "txt" if data.wds_caption_key is None else data.wds_caption_key}
     return identity, tasks, {}
 
 
@@ -150,7 +164,7 @@ class _BuildStream(IterableDataset):
         self.tasks, self.table, self.fmt, self.tokenizer = tasks, table, fmt, tokenizer
         self.batch_size, self.views, self.seed = int(data.batch_size), int(build.views), int(seed)
         self.scale, self.ratio, self.flip = tuple(build.aug_scale), tuple(build.aug_ratio), float(build.aug_flip)
-        self.caption_key = data.wds_caption_key or "txt"
+        self.caption_key = "txt" if data.wds_caption_key is None else data.wds_caption_key
         self.key_format = data.wds_key_format or "auto"
 
     def _csv_items(self, task: Task, skipped: Counter):
@@ -252,10 +266,12 @@ def build_cache(teacher_config: TeacherConfig, data: DataConfig, runtime: Runtim
     if not data.train_data:
         raise UsageError("--train-data is required")
     kind = dataset_type(data)
-    if kind not in ("csv", "webdataset"):
-        raise UsageError(f"the teacher cache reads csv or webdataset data, not {kind}")
+    plans = {"csv": lambda: plan_csv(data, build.samples_per_shard), "webdataset": lambda: plan_wds(data),
+             "imagefolder": lambda: plan_imagefolder(data, build.samples_per_shard)}
+    if kind not in plans:
+        raise UsageError(f"the teacher cache reads csv, webdataset or imagefolder data, not {kind}")
     precision = runtime.precision or ("amp" if env.device.type == "cuda" else "fp32")
-    identity, tasks, table = plan_csv(data, build.samples_per_shard) if kind == "csv" else plan_wds(data)
+    identity, tasks, table = plans[kind]()
 
     seed = runtime.seed
     torch.manual_seed(seed)
@@ -298,7 +314,7 @@ def build_cache(teacher_config: TeacherConfig, data: DataConfig, runtime: Runtim
     todo = [t for t in mine if _done(out, t) is None]
     log.info("rank %d: %d of its %d cache shards to build (%d already done)", rank, len(todo), len(mine),
              len(mine) - len(todo))
-    total = (sum(t.end - t.start for t in todo) if kind == "csv" else None)
+    total = (sum(t.end - t.start for t in todo) if kind != "webdataset" else None)
     bar = tqdm(total=total, unit="sample", desc=f"caching {teacher_config.teacher}", disable=not env.is_master,
                dynamic_ncols=True)
     if todo:

@@ -447,7 +447,8 @@ def get_wds_dataset(data: DataConfig, transforms: DataTransforms, *, seed: int, 
     dataset = WdsDataset(
         shards, shard_sources, names, transforms, is_train=is_train, resampled=resampled, weights=weights,
         batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
-        seed=int(seed or 0), worker_batches=worker_batches, caption_key=data.wds_caption_key or "txt",
+        seed=int(seed or 0), worker_batches=worker_batches,
+        caption_key="txt" if data.wds_caption_key is None else data.wds_caption_key,  # '': caption-less shards
         datacompdr_widths=datacompdr.parse_widths(data.datacompdr_teachers) if is_train else None,
         key_format=key_format, shuffle_buffer=int(data.wds_shuffle_buffer or DEFAULT_SHUFFLE_BUFFER), epoch=epoch)
     loader = WdsLoader(dataset, num_batches, num_samples)

@@ -195,7 +195,9 @@ def decode_caption(sample: dict, caption_key: str) -> str | list[str] | None:
     (`captions.json`), or a JSON field, holding a list of strings gives several captions. Blank captions are dropped.
 
     One caption: a str; several: a list; none: None. ValueError (UnicodeDecodeError, bad JSON) when one cannot be
-    decoded."""
+    decoded. caption_key '' means caption-less data (image-only students): every sample's caption is ''."""
+    if not caption_key:
+        return ""
     captions: list[str] = []
     for key in (k.strip() for k in caption_key.split(",")):
         if key in sample:
