@@ -105,6 +105,7 @@ def test_csv_loader_draws_reproducibly_and_gives_two_captions(world):
 
 def test_two_caption_loss_is_the_mean_of_both():
     from training.distill import build_distill_loss
+    from training.student_kinds import student_kind
 
     gen = torch.Generator().manual_seed(0)
     b = 4
@@ -117,7 +118,8 @@ def test_two_caption_loss_is_the_mean_of_both():
     t_t = F.normalize(torch.randn(2 * b, 8, generator=gen, dtype=torch.float64), dim=-1)
     teacher = {"image_features": [t_v], "text_features": [t_t], "logit_scales": [torch.tensor(30.0)],
                "logit_biases": [None]}
-    trainer = SimpleNamespace(loss_fn=loss_fn, step=0, config=SimpleNamespace(data=SimpleNamespace(captions_per_step=2)))
+    trainer = SimpleNamespace(loss_fn=loss_fn, step=0, kind=student_kind("clip"), env=SimpleNamespace(device="cpu"),
+                              config=SimpleNamespace(data=SimpleNamespace(captions_per_step=2)))
     out = distill_losses(trainer, student, teacher)
     for half in (0, 1):
         rows = slice(half * b, (half + 1) * b)

@@ -72,8 +72,8 @@ def distill_losses(trainer, student: dict, teacher: dict | None, batch: dict | N
     """The loss terms. With two captions per image (--captions-per-step 2: text rows [2B]) every term is computed
     for the image with each caption and the two results averaged (MobileCLIP's two-caption loss). The student kind
     says what the loss reads (student_kinds.py)."""
-    n = student["image_features"].shape[0]
-    text = student.get("text_features")
+    text = student.get("text_features")  # None: image-only students and classifiers
+    n = student["image_features"].shape[0] if text is not None else 0
     if trainer.config.data.captions_per_step == 2 and text is not None and text.shape[0] == 2 * n:
         text_keys = ("text_features", "text_intermediates")
         halves = []
