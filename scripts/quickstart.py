@@ -230,7 +230,7 @@ def main() -> None:
     ratio = rows["KD"][I2T] / rows["baseline"][I2T] if rows["baseline"][I2T] else float("inf")
     print(f"\nKD − baseline: zero-shot {100 * margin[ZS]:+.1f} pp, I→T R@1 {100 * margin[I2T]:+.1f} pp "
           f"({ratio:.2f}×), T→I R@1 {100 * margin[T2I]:+.1f} pp (seed {opts.seed}; the spread over seeds: "
-          f"python benchmarks/methods.py --seeds 0,1,2 --only kd)")
+          f"python benchmarks/methods.py --seeds 0,1,2 --only clip-kd)")
     print(f"models: teacher {describe(TEACHER)}; students {describe(STUDENT)}")
 
     print("[5/5] writing the report", flush=True)

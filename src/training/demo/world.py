@@ -323,6 +323,13 @@ def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
+def object_mask(obj: WorldObject, image_size: int) -> np.ndarray:
+    """Boolean [image_size, image_size] mask of pixels fully covered by ``obj`` (for tests and analysis)."""
+    ss = _supersample(image_size)
+    m = np.asarray(_shape_mask(obj, image_size * ss)) > 127
+    return m.reshape(image_size, ss, image_size, ss).all(axis=(1, 3))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # writing a world
 # ---------------------------------------------------------------------------------------------------------------
