@@ -54,7 +54,8 @@ def bar(iterable=None, *, total: int | None = None, desc: str = "", unit: str = 
     mode = progress_mode() if enabled else "off"
     kwargs = {}
     if mode == "lines":
-        kwargs = {"file": _LineStream(sys.stderr), "mininterval": LINE_INTERVAL_S, "ascii": True, "ncols": 100}
+        kwargs = {"file": _LineStream(sys.stderr), "mininterval": LINE_INTERVAL_S, "maxinterval": LINE_INTERVAL_S,
+                  "ascii": True, "ncols": 100}
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, initial=initial,
                 disable=mode == "off", dynamic_ncols=mode == "bar", **kwargs)
 
@@ -94,7 +95,7 @@ class TrainProgress:
         if now - self._last_time >= POSTFIX_INTERVAL_S:
             rate = (self.bar.n - self._last_n) * self.samples_per_step / (now - self._last_time)
             total = losses.get("total")
-            self.bar.set_postfix_str(f"epoch {epoch}, loss {float(total):.4f}, {rate:.0f} samples/s"
+            self.bar.set_postfix_str(f"epoch {epoch}, loss {float(total.detach()):.4f}, {rate:.0f} samples/s"
                                      if total is not None else f"epoch {epoch}, {rate:.0f} samples/s",
                                      refresh=False)
             self._last_time, self._last_n = now, self.bar.n
