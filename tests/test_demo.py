@@ -11,9 +11,34 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
-pytestmark = pytest.mark.slow
+
+def test_report_reads_the_tensorboard_curves(tmp_path):
+    """report.png is drawn from what the runs logged to TensorBoard: the curves come back step for step."""
+    import quickstart as Q
+    from torch.utils.tensorboard import SummaryWriter
+
+    runs, logged = {}, {}
+    for label, offset in (("KD", 0.0), ("baseline", 0.1)):
+        run_dir = tmp_path / label
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+        logged[label] = [(step, 2.0 / step + offset) for step in (10, 20, 30)]
+        for step, value in logged[label]:
+            writer.add_scalar("train/total", value, step)
+            writer.add_scalar(f"eval/{Q.ZS}", 0.5 - offset, step)
+        writer.close()
+        runs[label] = str(run_dir)
+        got = Q.curves(str(run_dir))
+        assert [s for s, _ in got["train/total"]] == [10, 20, 30]
+        assert [v for _, v in got["train/total"]] == pytest.approx([v for _, v in logged[label]])
+    rows = {k: {Q.ZS: z, Q.I2T: r, Q.T2I: r} for k, z, r in (("teacher", 0.8, 0.2), ("KD", 0.75, 0.15),
+                                                              ("baseline", 0.4, 0.05))}
+    Q.write_report(str(tmp_path / "report.png"), runs, rows, "synthetic")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "report.png").size[0] > 800
 
 
+@pytest.mark.slow
 def test_short_budget_ranks_kd_above_the_baseline(tmp_path, monkeypatch):
     import quickstart as Q
 
