@@ -38,9 +38,9 @@ class Budget:
     seed: int = 0  # the world's seed; the students' training seed is given per run
     num_train: int = 6000  # the teacher's pairs
     num_distill: int = 1000  # the students' pairs (the first rows of the teacher's)
-    teacher_epochs: int = 8
-    student_epochs: int = 20
-    eval_every: int = 4  # students: zero-shot and retrieval every N epochs (the curves of report.png)
+    teacher_epochs: int = 3
+    student_epochs: int = 10
+    eval_every: int = 2  # students: zero-shot and retrieval every N epochs (the curves of report.png)
     threads: int = 2  # fixed, not the machine's core count: the same thread count gives the same numbers
     extra: dict = field(default_factory=dict)
 
