@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +42,6 @@ class Budget:
     student_epochs: int = 10
     eval_every: int = 2  # students: zero-shot and retrieval every N epochs (the curves of report.png)
     threads: int = 2  # fixed, not the machine's core count: the same thread count gives the same numbers
-    extra: dict = field(default_factory=dict)
 
 
 def sh(cmd: list[str], log_path: str, threads: int | None = None) -> None:
