@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
 from quickstart import evaluate, prepare_teacher, train  # noqa: E402
 
+from training.export import export_student  # noqa: E402
 from training.fileio import torch_save  # noqa: E402
 from training.models import create_clip  # noqa: E402
 from training.models.inherit import inherit_weights  # noqa: E402
@@ -58,7 +59,11 @@ def main() -> None:
     torch.set_num_threads(opts.threads)
     logging.getLogger().setLevel(logging.ERROR)
     t0 = time.time()
-    world, teacher_file, budget = prepare_teacher(opts.out, opts.threads)
+    world, _, budget = prepare_teacher(opts.out, opts.threads)  # the quickstart's world (its teacher is another arch)
+    teacher_file = os.path.join(opts.out, "inheritance-teacher.pt")
+    if not os.path.isfile(teacher_file):  # a ViT teacher the ViT students can inherit from
+        export_student(train(opts.out, "inherit-teacher", TEACHER, world, budget.teacher_epochs,
+                             ["--distill", "task=1"], opts.threads), teacher_file, TEACHER)
     seed, student = budget.seed, opts.student
     flags = ["--teacher", TEACHER, "--teacher-pretrained", teacher_file, "--recipe", opts.recipe, "--lr", f"{opts.lr:g}"]
     folder = os.path.join(opts.out, "inheritance")

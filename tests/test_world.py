@@ -12,7 +12,8 @@ from PIL import Image
 from training.demo import world as W
 from training.demo.world import generate_world, main
 
-SMALL = {"num_train": 24, "num_val": 8, "num_zeroshot_per_class": 3}
+SMALL = {"num_train": 24, "num_distill": 10, "num_val": 8, "num_zeroshot_per_class": 3}
+SIZE = 32  # the default image size
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -45,11 +46,24 @@ def test_determinism(tmp_path):
     assert len(images) == 24 + 8 + 3 * len(W.SHAPES)
     assert sum(fa[k] != fc[k] for k in images) == len(images)  # another seed: every image differs
     assert fa["train.csv"] != fc["train.csv"]
+    assert fa["distill.csv"] == b"".join(fa["train.csv"].splitlines(keepends=True)[:11])  # header + 10 rows
+
+
+def test_scenes_are_a_pure_function_of_seed_split_index():
+    """The same (seed, split, index) gives the same scene and the same pixels, whatever was generated before."""
+    later = [W.make_scene(5, "train", i) for i in range(30)]
+    W.make_scene(5, "val", 3)
+    again = [W.make_scene(5, "train", i) for i in reversed(range(30))][::-1]
+    assert [s.caption for s in later] == [s.caption for s in again]
+    assert all(np.array_equal(np.asarray(W.render_scene(a, SIZE)), np.asarray(W.render_scene(b, SIZE)))
+               for a, b in zip(later[:5], again[:5]))
+    assert len({s.caption for s in later}) > 10
 
 
 def test_csv_format(small_world):
     assert small_world.data_root == small_world.root
-    for csv_path, split, n in [(small_world.train_csv, "train", 24), (small_world.val_csv, "val", 8)]:
+    for csv_path, split, n in [(small_world.train_csv, "train", 24), (small_world.distill_csv, "train", 10),
+                               (small_world.val_csv, "val", 8)]:
         with open(csv_path, encoding="utf-8") as f:
             lines = f.read().splitlines()
         assert lines[0] == "filepath\ttitle"
@@ -59,12 +73,14 @@ def test_csv_format(small_world):
             assert path == f"images/{split}/{i:06d}.jpg" and not os.path.isabs(path)
             assert caption.strip() == caption and len(caption) > 10
             img = Image.open(os.path.join(small_world.data_root, path))
-            assert img.format == "JPEG" and img.mode == "RGB" and img.size == (64, 64)
-        assert len(list(Path(small_world.root, "images", split).iterdir())) == n
+            assert img.format == "JPEG" and img.mode == "RGB" and img.size == (SIZE, SIZE)
+    assert len(list(Path(small_world.root, "images", "train").iterdir())) == 24  # distill.csv reuses train images
+    assert len(list(Path(small_world.root, "images", "val").iterdir())) == 8
 
 
 def test_image_size_option(tmp_path):
-    w = generate_world(tmp_path, seed=0, num_train=2, num_val=1, image_size=48, num_zeroshot_per_class=1)
+    w = generate_world(tmp_path, seed=0, num_train=2, num_distill=1, num_val=1, image_size=48,
+                       num_zeroshot_per_class=1)
     assert Image.open(Path(w.root, _rows(w.train_csv)[0]["filepath"])).size == (48, 48)
     assert Image.open(next(Path(w.zeroshot_dir, "star").glob("*.jpg"))).size == (48, 48)
 
@@ -75,13 +91,14 @@ def _words(text: str) -> set[str]:
 
 def _check_caption(scene: W.Scene) -> None:
     words = _words(scene.caption)
-    for obj in scene.objects:
-        assert {obj.size, obj.color, obj.texture, obj.shape} <= words, (scene.caption, obj)
-        assert any(p in scene.caption for p in W.POSITION_PHRASES[obj.position]), (scene.caption, obj)
-    drawn = {a for o in scene.objects for a in (o.size, o.color, o.texture, o.shape)}
+    (obj,) = scene.objects
+    assert obj.shape in words, (scene.caption, obj)
+    assert ("size" in scene.named) == (obj.size in words)
+    assert ("position" in scene.named) == any(p in scene.caption for p in W.POSITION_PHRASES[obj.position])
     vocabulary = set(W.SHAPES) | set(W.COLORS) | set(W.SIZES) | set(W.TEXTURES)
-    assert words & vocabulary == drawn  # no attribute word that was not drawn
-    assert (" and a " in scene.caption) == (len(scene.objects) == 2)
+    named = {obj.shape} | ({obj.size} if "size" in scene.named else set())
+    assert words & vocabulary == named  # colour and texture are never named; nothing undrawn is named
+    assert set(scene.named) <= set(W.NAMED_ATTRIBUTES)
 
 
 def _dominant_color(pixels: np.ndarray, contrast: tuple[int, int, int]) -> str:
@@ -102,14 +119,13 @@ def test_captions_match_what_is_drawn(small_world):
         _check_caption(scene)
         pixels = np.asarray(Image.open(Path(small_world.root, row["filepath"])).convert("RGB"))
         for obj in scene.objects:
-            mask = W.object_mask(obj, 64)
+            mask = W.object_mask(obj, SIZE)
             assert mask.sum() > 20
             inside = pixels[mask]
             assert _dominant_color(inside, W.contrast_color(obj.color)) == obj.color, (row["title"], obj)
             if obj.texture == "solid":
                 err = np.abs(inside.mean(0) - np.array(W.COLORS[obj.color])).max()
                 assert err < 30, (row["title"], obj, inside.mean(0))
-    assert any(" and a " in r["title"] for r in rows) and any(" and a " not in r["title"] for r in rows)
 
 
 def test_known_scene_pixels():
@@ -126,23 +142,25 @@ def test_known_scene_pixels():
 
 
 def test_scene_invariants():
-    shapes = Counter()
+    shapes, named = Counter(), Counter()
     for i in range(400):
-        scene = W.make_scene(0, "train", i, two_object_prob=0.5)
+        scene = W.make_scene(0, "train", i)
         _check_caption(scene)
-        shapes.update(o.shape for o in scene.objects)
-        for o in scene.objects:
-            lo, hi = W._RADIUS[o.size]
-            assert lo <= o.radius <= hi
-            assert 0 <= o.cx - W._BOUND * o.radius and o.cx + W._BOUND * o.radius <= 1
-            assert 0 <= o.cy - W._BOUND * o.radius and o.cy + W._BOUND * o.radius <= 1
-        if len(scene.objects) == 2:
-            a, b = scene.objects
-            assert a.position != b.position and "centre" not in (a.position, b.position)
-            assert not W._overlap(a, b, margin=0.0)
-    assert set(shapes) == set(W.SHAPES)
-    assert all(len(W.make_scene(0, "train", i, two_object_prob=1.0).objects) == 2 for i in range(20))
-    assert all(len(W.make_scene(0, "train", i, two_object_prob=0.0).objects) == 1 for i in range(20))
+        (o,) = scene.objects
+        shapes[o.shape] += 1
+        named.update(scene.named)
+        lo, hi = W._RADIUS[o.size]
+        assert lo <= o.radius <= hi
+        assert 0 <= o.cx - W._BOUND * o.radius and o.cx + W._BOUND * o.radius <= 1
+        assert 0 <= o.cy - W._BOUND * o.radius and o.cy + W._BOUND * o.radius <= 1
+        side = {"left": o.cx < 0.5 - 0.06, "right": o.cx > 0.5 + 0.06, "top": o.cy < 0.5 - 0.06,
+                "bottom": o.cy > 0.5 + 0.06, "centre": abs(o.cx - 0.5) < 0.05 and abs(o.cy - 0.5) < 0.05}
+        assert side[o.position], o
+    assert set(shapes) == set(W.SHAPES) and min(shapes.values()) > 25  # roughly balanced classes
+    assert 0.65 < named["size"] / 400 < 0.85 and 0.65 < named["position"] / 400 < 0.85  # attribute_prob 0.75
+    assert all(W.make_scene(0, "train", i, attribute_prob=0.0).caption.split()[-1] in W.SHAPES for i in range(20))
+    assert all(set(W.make_scene(0, "train", i, attribute_prob=1.0).named) == set(W.NAMED_ATTRIBUTES)
+               for i in range(20))
 
 
 def test_zeroshot_set(small_world):
@@ -153,6 +171,7 @@ def test_zeroshot_set(small_world):
     templates = (zs / "templates.txt").read_text().splitlines()
     assert len(templates) >= 3 and all(t.count("{}") == 1 for t in templates)
     assert "a photo of a circle." in [t.format("circle") for t in templates]
+    assert templates == list(W.ZEROSHOT_TEMPLATES)
     for folder in folders:
         files = sorted((zs / folder).glob("*.jpg"))
         assert len(files) == 3
@@ -161,7 +180,7 @@ def test_zeroshot_set(small_world):
             assert [o.shape for o in scene.objects] == [folder]
             pixels = np.asarray(Image.open(f).convert("RGB"))
             obj = scene.objects[0]
-            assert _dominant_color(pixels[W.object_mask(obj, 64)], W.contrast_color(obj.color)) == obj.color
+            assert _dominant_color(pixels[W.object_mask(obj, SIZE)], W.contrast_color(obj.color)) == obj.color
     assert small_world.num_zeroshot == 3 * len(W.SHAPES)
 
 
@@ -181,19 +200,19 @@ def test_noop_rerun_and_regeneration(tmp_path):
     forced = generate_world(root, seed=1, overwrite=True, **SMALL)
     assert forced.generated and _files(root) == before  # regenerated, identical bytes
 
-    smaller = generate_world(root, seed=1, num_train=5, num_val=2, num_zeroshot_per_class=1)  # other parameters
+    smaller = generate_world(root, seed=1, num_train=5, num_distill=5, num_val=2, num_zeroshot_per_class=1)  # other parameters
     assert smaller.generated
     assert len(list((root / "images" / "train").iterdir())) == 5  # no stale images left behind
     assert len(_rows(smaller.train_csv)) == 5 and len(_rows(smaller.val_csv)) == 2
     assert all(len(list(p.glob("*.jpg"))) == 1 for p in (root / "zeroshot").iterdir() if p.is_dir())
 
     (root / W.MARKER).unlink()  # an incomplete world (no marker) is generated again
-    assert generate_world(root, seed=1, num_train=5, num_val=2, num_zeroshot_per_class=1).generated
+    assert generate_world(root, seed=1, num_train=5, num_distill=5, num_val=2, num_zeroshot_per_class=1).generated
     assert (root / "notes.txt").read_text() == "mine"
 
 
 def test_cli(tmp_path, capsys):
-    argv = ["--out", str(tmp_path / "w"), "--seed", "2", "--num-train", "4", "--num-val", "2",
+    argv = ["--out", str(tmp_path / "w"), "--seed", "2", "--num-train", "4", "--num-distill", "2", "--num-val", "2",
             "--num-zeroshot-per-class", "1", "--image-size", "32"]
     assert main(argv) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -212,20 +231,23 @@ def test_invalid_arguments(tmp_path):
         generate_world(tmp_path, seed=-1)
     with pytest.raises(ValueError):
         generate_world(tmp_path, num_train=-1)
+    with pytest.raises(ValueError):
+        generate_world(tmp_path, num_train=4, num_distill=5)
+    with pytest.raises(ValueError):
+        generate_world(tmp_path, attribute_prob=1.5)
 
 
-def test_captions_fit_the_context_length():
+@pytest.mark.parametrize("arch", ["demo-teacher", "demo-student"])
+def test_captions_fit_the_context_length(arch):
     import open_clip
 
-    import training  # noqa: F401  (registers the tiny-teacher config)
+    import training  # noqa: F401  (registers the demo configs)
 
-    tok = open_clip.get_tokenizer("tiny-teacher")
-    assert tok.context_length == 32
-    captions = [W.make_scene(s, split, i, two_object_prob=0.5).caption
+    tok = open_clip.get_tokenizer(arch)
+    assert tok.context_length == 16
+    captions = [W.make_scene(s, split, i, attribute_prob=1.0).caption
                 for s in range(2) for split in ("train", "val") for i in range(300)]
-    # the longest possible caption: longest prefix, two objects, longest words
-    captions.append("a picture of a large purple striped triangle in the middle and a small orange dotted diamond "
-                    "at the bottom")
+    captions.append("a picture of a large triangle in the middle")  # the longest prefix, words and phrase
     captions += [t.format(c) for t in W.ZEROSHOT_TEMPLATES for c in W.SHAPES]
     longest = max(len(tok.encode(c)) + 2 for c in captions)  # + start/end of text
-    assert longest <= 32, longest
+    assert longest <= 16, longest

@@ -35,6 +35,7 @@ from .models.towers import check_masking_supported
 from .optim import create_optimizer, param_groups
 from .precision import make_grad_scaler, resolve
 from .preemption import StopRequest
+from .progress import TrainProgress
 from .remote_sync import RemoteSync
 from .scheduler import LRSchedule
 from .student_kinds import student_kind
@@ -273,9 +274,21 @@ class Trainer:
         state = self.state
         self.model.train()
         window, end = Counter(), time.perf_counter()
+        total = self.data.num_batches * self.config.optim.epochs
+        progress = TrainProgress(min(total, max_steps) if max_steps else total, state.step,
+                                 self.config.data.batch_size * self.config.optim.accum_freq * self.env.world_size,
+                                 enabled=self.env.is_master)
+        try:
+            self._run(max_steps, progress, window, end)
+        finally:
+            progress.close()
+
+    def _run(self, max_steps, progress: TrainProgress, window: Counter, end: float) -> None:
+        state = self.state
         for batch in self.batches():  # a batch, or with --accum-freq K a list of K micro-batches
             window["data_time"] += time.perf_counter() - end
             losses = self.train_step(batch)
+            progress.step(losses, state.epoch)
             window["batch_time"] += time.perf_counter() - end
             window["n"] += 1
             end = time.perf_counter()

@@ -1,31 +1,35 @@
 """The embedded demo world: a procedurally generated image-caption dataset that needs no network.
 
-Each image shows one (sometimes two) coloured shapes on a lightly noisy background; its caption names every
-attribute that was drawn: size, colour, texture, shape and position, e.g.
-"a large red striped circle on the left and a small blue dotted star at the top". Everything is a pure
-function of ``(seed, split, index)``, so the same parameters give byte-identical files.
+Each image shows one coloured shape on a noisy, tinted background. Its caption always names the shape, and each
+other attribute (size, colour, texture, position) with probability ``attribute_prob``, e.g.
+"a large red striped circle on the left", "there is a blue star", "a dotted heart at the top". The zero-shot
+classes are the 8 shapes: the captions name them plainly, the images show them plainly (large, high-contrast
+silhouettes), and colour, size, texture, position, rotation, background and lighting vary as nuisance.
+Everything is a pure function of ``(seed, split, index)``, so the same parameters give byte-identical files.
 
 On-disk layout (``DIR`` is the world root; it is also the ``--data-root`` the CSVs are relative to)::
 
     DIR/train.csv                      tab-separated, header "filepath<TAB>title"; filepath "images/train/000000.jpg"
+    DIR/distill.csv                    the first ``num_distill`` rows of train.csv: the students' (small) training set
     DIR/val.csv                        same for the validation split (retrieval: one image, one caption per row)
     DIR/images/{train,val}/NNNNNN.jpg  JPEG, quality 90, 4:4:4 chroma
-    DIR/zeroshot/<shape>/NNNNNN.jpg    zero-shot classification by shape: one object per image, other attributes random
+    DIR/zeroshot/<shape>/NNNNNN.jpg    zero-shot classification by shape: other attributes random
     DIR/zeroshot/classnames.txt        one class name per line; line i = class index i = i-th folder in sorted order
     DIR/zeroshot/templates.txt         prompt templates, "{}" stands for the class name
     DIR/world.json                     marker with the generation parameters, written last
     DIR/.world.lock                    empty lock file (concurrent callers, e.g. torchrun ranks, generate once)
 
 Zero-shot class mapping (folder name == class name, alphabetical): 0 circle, 1 cross, 2 diamond, 3 heart,
-4 ring, 5 square, 6 star, 7 triangle.
+4 ring, 5 square, 6 star, 7 triangle; chance is 1/8 = 12.5%.
 
 Usage::
 
     from training.demo.world import generate_world
     w = generate_world("data/world", seed=0)      # a fast no-op when an identical world is already there
-    # --train-data w.train_csv --val-data w.val_csv --data-root w.data_root --zeroshot-data w.zeroshot_dir
+    # --train-data w.train_csv (or w.distill_csv) --val-data w.val_csv --data-root w.data_root
+    # --zeroshot-data w.zeroshot_dir
 
-    python -m training.demo.world --out data/world [--seed 0 --num-train 4000 --num-val 500 --image-size 64]
+    python -m training.demo.world --out data/world [--seed 0 --num-train 6000 --num-val 500 --image-size 32]
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from training.errors import UsageError, first_line, run_cli
 from training.fileio import write_text
 
 # Bump when the generator's output changes for the same parameters (invalidates existing worlds).
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 MARKER = "world.json"
 
 SHAPES = ("circle", "cross", "diamond", "heart", "ring", "square", "star", "triangle")  # sorted: class index order
@@ -66,13 +70,16 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SIZES = ("small", "large")
 TEXTURES = ("solid", "striped", "dotted")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
+# What a caption may name besides the shape. Colour and texture are drawn but never named: pure nuisance, so
+# the contrastive task cannot be solved by colour alone and shape is what the models must learn.
+NAMED_ATTRIBUTES = ("size", "position")
 
 # Object radius as a fraction of the image side, per size word.
-_RADIUS = {"small": (0.085, 0.105), "large": (0.165, 0.19)}
-# Object centre as a fraction of the image side, per position word; jittered by +-_JITTER.
-_CENTRE = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5)}
-_JITTER = 0.03
+_RADIUS = {"small": (0.22, 0.25), "large": (0.30, 0.34)}
 _BOUND = 1.15  # every shape fits in a disc of _BOUND * radius around its centre
+# Off-centre objects sit this far (fraction of the side) from their edge; the other axis is jittered by _JITTER.
+_EDGE_GAP = (0.0, 0.04)
+_JITTER = 0.04
 
 POSITION_PHRASES = {
     "left": ("on the left",),
@@ -83,18 +90,18 @@ POSITION_PHRASES = {
 }
 _PREFIXES = ("", "", "a picture of ", "there is ", "an image of ")
 
+# Prompts in the captions' own grammar (the prefixes above, the bare noun phrase).
 ZEROSHOT_TEMPLATES = (
-    "a photo of a {}.",
+    "a {}.",
+    "a {}",
     "a picture of a {}.",
-    "a drawing of a {}.",
-    "a {} shape.",
-    "a small {}.",
-    "a large {}.",
-    "a coloured {}.",
+    "there is a {}.",
     "an image of a {}.",
+    "a photo of a {}.",
 )
 
 _SPLIT_CODE = {"train": 0, "val": 1, "zeroshot": 2}
+SPLITS = tuple(_SPLIT_CODE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,22 +117,18 @@ class WorldObject:
     cx: float  # centre, fraction of the image side
     cy: float
     radius: float  # fraction of the image side
-    angle: float  # small rotation jitter (degrees)
+    angle: float  # rotation jitter (degrees)
     pattern_angle: float  # stripe direction (degrees)
     pattern_phase: float  # in [0, 1)
-
-    def describe(self, order: int = 0) -> str:
-        """Noun phrase with its article, e.g. "a large red striped circle"."""
-        adjectives = [self.size, self.color, self.texture] if order == 0 else [self.size, self.texture, self.color]
-        return f"a {' '.join(adjectives)} {self.shape}"
 
 
 @dataclass
 class Scene:
-    objects: list[WorldObject]
+    objects: list[WorldObject]  # one object (a list, so the renderer and the tests need no special case)
     background: tuple[int, int, int]
     gradient: tuple[float, float]  # brightness change across x and y (full image)
     caption: str = ""
+    named: tuple[str, ...] = ()  # the attributes the caption names besides the shape
     extra: dict = field(default_factory=dict)
 
 
@@ -137,76 +140,59 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
 
 
-def _sample_object(rng: np.random.Generator, position: str, shape: str | None = None) -> WorldObject:
+def _centre(rng: np.random.Generator, position: str, radius: float) -> tuple[float, float]:
+    """Object centre for a position word: off-centre objects hug their edge, so position is visible at any size."""
+    off = 0.5 - _BOUND * radius - rng.uniform(*_EDGE_GAP)  # distance of the centre from the image centre
+    jitter = rng.uniform(-_JITTER, _JITTER)
+    dx, dy = {"left": (-off, jitter), "right": (off, jitter), "top": (jitter, -off), "bottom": (jitter, off),
+              "centre": (jitter, rng.uniform(-_JITTER, _JITTER))}[position]
+    return 0.5 + dx, 0.5 + dy
+
+
+def _sample_object(rng: np.random.Generator, shape: str | None = None) -> WorldObject:
     shape = shape if shape is not None else SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     size = SIZES[rng.integers(len(SIZES))]
     texture = TEXTURES[rng.integers(len(TEXTURES))]
-    lo, hi = _RADIUS[size]
-    bx, by = _CENTRE[position]
-    jx, jy = rng.uniform(-_JITTER, _JITTER, size=2)
+    position = POSITIONS[rng.integers(len(POSITIONS))]
+    radius = float(rng.uniform(*_RADIUS[size]))
+    cx, cy = _centre(rng, position, radius)
     return WorldObject(
-        shape=shape, color=color, size=size, texture=texture, position=position,
-        cx=float(bx + jx), cy=float(by + jy), radius=float(rng.uniform(lo, hi)),
-        angle=float(rng.uniform(-12, 12)), pattern_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
+        shape=shape, color=color, size=size, texture=texture, position=position, cx=float(cx), cy=float(cy),
+        radius=radius, angle=float(rng.uniform(-15, 15)), pattern_angle=float(rng.choice([0.0, 45.0, 90.0, 135.0])),
         pattern_phase=float(rng.uniform(0, 1)),
     )
 
 
-def _overlap(a: WorldObject, b: WorldObject, margin: float = 0.02) -> bool:
-    return math.hypot(a.cx - b.cx, a.cy - b.cy) < _BOUND * (a.radius + b.radius) + margin
-
-
-def _caption(objects: list[WorldObject], rng: np.random.Generator) -> str:
-    if len(objects) == 1:
-        o = objects[0]
-        where = POSITION_PHRASES[o.position][rng.integers(len(POSITION_PHRASES[o.position]))]
-        style = int(rng.integers(7))
-        if style == 0:
-            return f"{o.describe(0)} {where}"
-        if style == 1:
-            return f"{o.describe(1)} {where}"
-        if style == 2:
-            return f"{where}, {o.describe(int(rng.integers(2)))}"
-        if style == 3:
-            return f"{_article(o.color)} {o.color} {o.shape} {where}, {o.size} and {o.texture}"
-        prefix = ("a picture of ", "there is ", "an image of ")[style - 4]
-        return f"{prefix}{o.describe(int(rng.integers(2)))} {where}"
-    parts = []
-    for o in objects:
-        where = POSITION_PHRASES[o.position][rng.integers(len(POSITION_PHRASES[o.position]))]
-        parts.append(f"{o.describe(int(rng.integers(2)))} {where}")
+def _caption(o: WorldObject, rng: np.random.Generator, attribute_prob: float) -> tuple[str, tuple[str, ...]]:
+    """The caption and the attributes it names besides the shape (each with probability ``attribute_prob``)."""
+    named = tuple(a for a in NAMED_ATTRIBUTES if rng.uniform() < attribute_prob)
+    order = ("size", "texture", "color") if rng.uniform() < 0.5 else ("size", "color", "texture")
+    words = [getattr(o, a) for a in order if a in named] + [o.shape]
+    phrase = f"{_article(words[0])} {' '.join(words)}"
     prefix = _PREFIXES[rng.integers(len(_PREFIXES))]
-    return prefix + " and ".join(parts)
+    if "position" not in named:
+        return prefix + phrase, named
+    where = POSITION_PHRASES[o.position][rng.integers(len(POSITION_PHRASES[o.position]))]
+    if not prefix and rng.uniform() < 0.3:
+        return f"{where}, {phrase}", named
+    return f"{prefix}{phrase} {where}", named
 
 
-def make_scene(seed: int, split: str, index: int, two_object_prob: float = 0.3, shape: str | None = None) -> Scene:
+def make_scene(seed: int, split: str, index: int, shape: str | None = None, attribute_prob: float = 0.75) -> Scene:
     """The scene (attributes, geometry and caption) of sample ``index`` of ``split`` for ``seed``; pure function.
 
-    ``split`` is "train", "val" or "zeroshot"; zero-shot scenes always hold one object of the given ``shape``.
+    ``split`` is "train", "val" or "zeroshot"; zero-shot scenes hold an object of the given ``shape``.
     """
     rng = _rng(seed, split, index)
-    base = float(rng.uniform(105, 185))
-    tint = rng.uniform(-12, 12, size=3)
+    base = float(rng.uniform(95, 195))
+    tint = rng.uniform(-25, 25, size=3)
     background = tuple(int(np.clip(base + t, 0, 255)) for t in tint)
-    gradient = (float(rng.uniform(-15, 15)), float(rng.uniform(-15, 15)))
-    two = split != "zeroshot" and rng.uniform() < two_object_prob
-    if not two:
-        objects = [_sample_object(rng, POSITIONS[rng.integers(len(POSITIONS))], shape)]
-    else:
-        side = POSITIONS[:4]  # two objects never use the centre
-        objects = []
-        for _ in range(20):
-            p1, p2 = rng.choice(len(side), size=2, replace=False)
-            objects = [_sample_object(rng, side[p1]), _sample_object(rng, side[p2])]
-            if not _overlap(*objects):
-                break
-        else:  # always fits: opposite sides
-            objects = [_sample_object(rng, "left"), _sample_object(rng, "right")]
-    scene = Scene(objects=objects, background=background, gradient=gradient)
-    scene.caption = _caption(objects, rng)
-    scene.extra["noise_seed"] = int(rng.integers(2**31))
-    return scene
+    gradient = (float(rng.uniform(-20, 20)), float(rng.uniform(-20, 20)))
+    obj = _sample_object(rng, shape)
+    caption, named = _caption(obj, rng, attribute_prob)
+    return Scene(objects=[obj], background=background, gradient=gradient, caption=caption, named=named,
+                 extra={"noise_seed": int(rng.integers(2**31))})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,15 +339,23 @@ class WorldPaths:
 
     root: str
     train_csv: str
+    distill_csv: str
     val_csv: str
     zeroshot_dir: str | None
     data_root: str
     classnames: list[str]
     num_train: int
+    num_distill: int
     num_val: int
     num_zeroshot: int
+    image_size: int
     generated: bool  # False when an identical world was already there (no-op)
     seconds: float
+
+    @property
+    def chance(self) -> float:
+        """Zero-shot top-1 of a uniform guess."""
+        return 1.0 / len(self.classnames)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -370,15 +364,17 @@ class WorldPaths:
         return getattr(self, key)
 
 
-def _params(seed, num_train, num_val, image_size, num_zeroshot_per_class, two_object_prob, jpeg_quality) -> dict:
+def _params(seed, num_train, num_distill, num_val, image_size, num_zeroshot_per_class, attribute_prob,
+            jpeg_quality) -> dict:
     return {
         "version": WORLD_VERSION,
         "seed": int(seed),
         "num_train": int(num_train),
+        "num_distill": int(num_distill),
         "num_val": int(num_val),
         "image_size": int(image_size),
         "num_zeroshot_per_class": int(num_zeroshot_per_class),
-        "two_object_prob": float(two_object_prob),
+        "attribute_prob": float(attribute_prob),
         "jpeg_quality": int(jpeg_quality),
     }
 
@@ -389,28 +385,30 @@ def _save_jpeg(img: Image.Image, path: Path, quality: int) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def _write_split(root: Path, split: str, n: int, params: dict) -> None:
+def _write_split(root: Path, split: str, n: int, params: dict) -> list[str]:
+    """Images and ``<split>.csv``; returns the CSV lines (header first)."""
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     lines = ["filepath\ttitle"]
     for i in range(n):
-        scene = make_scene(params["seed"], split, i, params["two_object_prob"])
+        scene = make_scene(params["seed"], split, i, attribute_prob=params["attribute_prob"])
         rel = f"images/{split}/{i:06d}.jpg"
         _save_jpeg(render_scene(scene, params["image_size"]), root / rel, params["jpeg_quality"])
         lines.append(f"{rel}\t{scene.caption}")
     write_text(root / f"{split}.csv", "\n".join(lines) + "\n")
+    return lines
 
 
 def _write_zeroshot(root: Path, params: dict) -> None:
     """zeroshot/<SHAPES[c]>/NNNNNN.jpg is ``make_scene(seed, "zeroshot", NNNNNN, shape=SHAPES[c])``, with
-    NNNNNN = c * num_zeroshot_per_class + j: one object of that shape, every other attribute random."""
+    NNNNNN = c * num_zeroshot_per_class + j: an object of that shape, every other attribute random."""
     zs = root / "zeroshot"
     per_class = params["num_zeroshot_per_class"]
     for c, shape in enumerate(SHAPES):
         (zs / shape).mkdir(parents=True, exist_ok=True)
         for j in range(per_class):
             i = c * per_class + j
-            scene = make_scene(params["seed"], "zeroshot", i, shape=shape)
+            scene = make_scene(params["seed"], "zeroshot", i, shape=shape, attribute_prob=params["attribute_prob"])
             _save_jpeg(render_scene(scene, params["image_size"]), zs / shape / f"{i:06d}.jpg", params["jpeg_quality"])
     write_text(zs / "classnames.txt", "\n".join(SHAPES) + "\n")
     write_text(zs / "templates.txt", "\n".join(ZEROSHOT_TEMPLATES) + "\n")
@@ -426,7 +424,7 @@ def _read_marker(root: Path) -> dict | None:
 def _remove_world(root: Path) -> None:
     """Delete only what a world generator writes (the marker first, so an interrupted delete is 'incomplete')."""
     (root / MARKER).unlink(missing_ok=True)
-    for name in ("train.csv", "val.csv"):
+    for name in ("train.csv", "distill.csv", "val.csv"):
         (root / name).unlink(missing_ok=True)
     for name in ("images", "zeroshot"):
         if (root / name).exists():
@@ -452,9 +450,10 @@ def _lock(root: Path):
 def _paths(root: Path, params: dict, generated: bool, seconds: float) -> WorldPaths:
     n_zs = params["num_zeroshot_per_class"] * len(SHAPES)
     return WorldPaths(
-        root=str(root), train_csv=str(root / "train.csv"), val_csv=str(root / "val.csv"),
-        zeroshot_dir=str(root / "zeroshot") if n_zs else None, data_root=str(root), classnames=list(SHAPES),
-        num_train=params["num_train"], num_val=params["num_val"], num_zeroshot=n_zs, generated=generated,
+        root=str(root), train_csv=str(root / "train.csv"), distill_csv=str(root / "distill.csv"),
+        val_csv=str(root / "val.csv"), zeroshot_dir=str(root / "zeroshot") if n_zs else None, data_root=str(root),
+        classnames=list(SHAPES), num_train=params["num_train"], num_distill=params["num_distill"],
+        num_val=params["num_val"], num_zeroshot=n_zs, image_size=params["image_size"], generated=generated,
         seconds=seconds,
     )
 
@@ -462,7 +461,7 @@ def _paths(root: Path, params: dict, generated: bool, seconds: float) -> WorldPa
 def _complete(root: Path, params: dict) -> bool:
     if _read_marker(root) != params:
         return False
-    needed = [root / "train.csv", root / "val.csv"]
+    needed = [root / "train.csv", root / "distill.csv", root / "val.csv"]
     if params["num_zeroshot_per_class"]:
         needed += [root / "zeroshot" / "classnames.txt", root / "zeroshot" / "templates.txt"]
     return all(p.is_file() for p in needed)
@@ -471,12 +470,13 @@ def _complete(root: Path, params: dict) -> bool:
 def generate_world(
     out_dir: str | os.PathLike,
     seed: int = 0,
-    num_train: int = 4000,
+    num_train: int = 6000,
+    num_distill: int = 1000,
     num_val: int = 500,
-    image_size: int = 64,
-    num_zeroshot_per_class: int = 40,
+    image_size: int = 32,
+    num_zeroshot_per_class: int = 100,
     overwrite: bool = False,
-    two_object_prob: float = 0.3,
+    attribute_prob: float = 0.75,
     jpeg_quality: int = 90,
 ) -> WorldPaths:
     """Write the demo world under ``out_dir`` (see the module docstring for the layout) and return its paths.
@@ -489,19 +489,24 @@ def generate_world(
         raise ValueError(f"seed must be >= 0, got {seed}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
-    if min(num_train, num_val, num_zeroshot_per_class) < 0:
+    if min(num_train, num_distill, num_val, num_zeroshot_per_class) < 0:
         raise ValueError("sample counts must be >= 0")
-    if not 0.0 <= two_object_prob <= 1.0:
-        raise ValueError(f"two_object_prob must be in [0, 1], got {two_object_prob}")
+    if num_distill > num_train:
+        raise ValueError(f"num_distill ({num_distill}) must be <= num_train ({num_train}): the distillation set is "
+                         f"the first rows of the training split")
+    if not 0.0 <= attribute_prob <= 1.0:
+        raise ValueError(f"attribute_prob must be in [0, 1], got {attribute_prob}")
     root = Path(out_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    params = _params(seed, num_train, num_val, image_size, num_zeroshot_per_class, two_object_prob, jpeg_quality)
+    params = _params(seed, num_train, num_distill, num_val, image_size, num_zeroshot_per_class, attribute_prob,
+                     jpeg_quality)
     t0 = time.perf_counter()
     with _lock(root):
         if not overwrite and _complete(root, params):
             return _paths(root, params, generated=False, seconds=time.perf_counter() - t0)
         _remove_world(root)
-        _write_split(root, "train", num_train, params)
+        train_lines = _write_split(root, "train", num_train, params)
+        write_text(root / "distill.csv", "\n".join(train_lines[:num_distill + 1]) + "\n")
         _write_split(root, "val", num_val, params)
         if num_zeroshot_per_class:
             _write_zeroshot(root, params)
@@ -510,27 +515,33 @@ def generate_world(
 
 
 def run(argv: list[str] | None = None) -> int:
+    defaults = {k: v.default for k, v in __import__("inspect").signature(generate_world).parameters.items()}
     p = argparse.ArgumentParser(prog="python -m training.demo.world",
                                 description="Generate the embedded demo image-caption world (deterministic by seed).")
     p.add_argument("--out", required=True, help="world directory (also the --data-root of its CSVs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-train", type=int, default=4000)
-    p.add_argument("--num-val", type=int, default=500)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--num-zeroshot-per-class", type=int, default=40)
-    p.add_argument("--two-object-prob", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=defaults["seed"])
+    p.add_argument("--num-train", type=int, default=defaults["num_train"])
+    p.add_argument("--num-distill", type=int, default=defaults["num_distill"],
+                   help="rows of distill.csv (the first rows of train.csv)")
+    p.add_argument("--num-val", type=int, default=defaults["num_val"])
+    p.add_argument("--image-size", type=int, default=defaults["image_size"])
+    p.add_argument("--num-zeroshot-per-class", type=int, default=defaults["num_zeroshot_per_class"])
+    p.add_argument("--attribute-prob", type=float, default=defaults["attribute_prob"],
+                   help="probability that a caption names each attribute besides the shape")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if an identical world exists")
     args = p.parse_args(argv)
     try:
-        w = generate_world(args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                           image_size=args.image_size, num_zeroshot_per_class=args.num_zeroshot_per_class,
-                           overwrite=args.overwrite, two_object_prob=args.two_object_prob)
+        w = generate_world(args.out, seed=args.seed, num_train=args.num_train, num_distill=args.num_distill,
+                           num_val=args.num_val, image_size=args.image_size,
+                           num_zeroshot_per_class=args.num_zeroshot_per_class, overwrite=args.overwrite,
+                           attribute_prob=args.attribute_prob)
     except (ValueError, OSError) as e:  # bad parameters or an unwritable --out: one line, exit 2
         raise UsageError(first_line(e)) from e
     state = f"generated in {w.seconds:.1f}s" if w.generated else "up to date"
-    print(f"world {w.root} ({state}): seed {args.seed}, {args.image_size}px, {w.num_train} train, {w.num_val} val, "
-          f"{w.num_zeroshot} zero-shot ({len(w.classnames)} classes) | --train-data {w.train_csv} "
-          f"--val-data {w.val_csv} --data-root {w.data_root} --zeroshot-data {w.zeroshot_dir}")
+    print(f"world {w.root} ({state}): seed {args.seed}, {args.image_size}px, {w.num_train} train "
+          f"({w.num_distill} in distill.csv), {w.num_val} val, {w.num_zeroshot} zero-shot ({len(w.classnames)} "
+          f"classes) | --train-data {w.train_csv} --val-data {w.val_csv} --data-root {w.data_root} "
+          f"--zeroshot-data {w.zeroshot_dir}")
     return 0
 
 

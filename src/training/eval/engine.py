@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from ..distributed import all_gather_cat, world_info
 from ..precision import autocast_for, module_input_dtype
+from ..progress import iterate
 from .datasets import ArrayImages, FileImages, WdsImages
 
 
@@ -71,11 +72,11 @@ def eval_autocast(device: torch.device, precision: str | None):
 
 
 @torch.no_grad()
-def encode_image_batches(model, loader: DataLoader, device: torch.device,
-                         precision: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def encode_image_batches(model, loader: DataLoader, device: torch.device, precision: str | None = None,
+                         desc: str = "encode images") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(keys, L2-normalised float32 image features, labels) per batch of this rank's shard, on `device`."""
     dtype = module_input_dtype(model)
-    for keys, images, labels in loader:
+    for keys, images, labels in iterate(loader, desc=desc, enabled=world_info()[0] == 0):
         with eval_autocast(device, precision):
             feats = model.encode_image(images.to(device=device, dtype=dtype, non_blocking=True))
         yield keys.to(device), F.normalize(feats.float(), dim=-1), labels.to(device)
@@ -102,11 +103,12 @@ def gather_in_order(keys: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.T
 
 @torch.no_grad()
 def encode_images(model, source, transform: Callable, device: torch.device, batch_size: int = 64,
-                  workers: int = 0, precision: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  workers: int = 0, precision: str | None = None,
+                  desc: str = "encode images") -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D], labels [N]) of the whole dataset in dataset order, on every rank."""
     keys, feats, labels = [], [], []
     for k, f, y in encode_image_batches(model, shard_loader(source, transform, batch_size, workers), device,
-                                        precision):
+                                        precision, desc):
         keys.append(k)
         feats.append(f)
         labels.append(y)

@@ -66,7 +66,8 @@ def run_retrieval(model, tokenizer: Callable, dataset: RetrievalSet, transform: 
                   log: Callable[[str], None] | None = None) -> dict[str, float]:
     """Retrieval metrics of `model` on `dataset` (collective)."""
     t0 = time.time()
-    image_feats, _ = encode_images(model, dataset.source, transform, device, batch_size, workers, precision)
+    image_feats, _ = encode_images(model, dataset.source, transform, device, batch_size, workers, precision,
+                                   f"retrieval {dataset.name}")
     text_feats = encode_texts(model, tokenizer, dataset.texts, device, max(batch_size, 256), precision)
     metrics = retrieval_metrics(image_feats, text_feats, torch.tensor(dataset.text_to_image, dtype=torch.long))
     if log:

@@ -108,7 +108,8 @@ def run_zeroshot(model, tokenizer: Callable, dataset: ClassificationSet, transfo
         classifier = build_classifier(model, tokenizer, dataset.classnames, dataset.templates, device, precision)
     counts = torch.zeros(3, dataset.num_classes, dtype=torch.float64, device=device)
     loader = shard_loader(dataset.source, transform, batch_size, workers)
-    for _, feats, labels in encode_image_batches(model, loader, device, precision):
+    for _, feats, labels in encode_image_batches(model, loader, device, precision,
+                                                      f"zero-shot {dataset.name}"):
         if labels.numel() and (labels.min() < 0 or labels.max() >= dataset.num_classes):
             raise ValueError(f"{dataset.name}: label {int(labels.max())} outside the {dataset.num_classes} classes")
         counts += classification_counts(feats @ classifier.T, labels, dataset.num_classes)
