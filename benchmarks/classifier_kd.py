@@ -29,13 +29,11 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
-from quickstart import prepare_teacher, sh  # noqa: E402
+from quickstart import TEACHER, prepare_teacher, sh  # noqa: E402
 
 from training.data.imagefolder import CLASSNAMES_FILE, TEMPLATES_FILE, read_image_folders  # noqa: E402
 from training.data.transforms import EvalTransform  # noqa: E402
 from training.models.image_student import load_image_student  # noqa: E402
-
-TEACHER = "tiny-teacher"
 
 
 def split_class_folder(src: str, out: str, labelled_per_class: int) -> tuple[str, str]:
@@ -101,7 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo", help="the quickstart's folder (world and teacher reused when present)")
     p.add_argument("--model", default="resnet18", help="the student: a timm name or an open_clip config")
-    p.add_argument("--image-size", type=int, default=32, help="the student's input size (the world is 64 px)")
+    p.add_argument("--image-size", type=int, default=32, help="the student's input size (the world's own size by default)")
     p.add_argument("--labelled-per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=120, help="optimizer steps of every student run")
     p.add_argument("--batch-size", type=int, default=32)

@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
-from quickstart import prepare_teacher, sh  # noqa: E402
+from quickstart import TEACHER, prepare_teacher, sh  # noqa: E402
 
 from training.data.imagefolder import read_image_folders  # noqa: E402
 from training.data.transforms import EvalTransform  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     images = os.path.join(world.data_root, "images", "train")
     cmd = [sys.executable, "-m", "training.main", "--student-kind", "image", "--model", opts.model,
-           "--force-image-size", str(opts.image_size), "--teacher", "tiny-teacher", "--teacher-pretrained",
+           "--force-image-size", str(opts.image_size), "--teacher", TEACHER, "--teacher-pretrained",
            teacher_file, "--train-data", images, "--zeroshot-data", world.zeroshot_dir, "--batch-size", "32",
            "--epochs", "1", "--lr", "2e-3", "--wd", "0.05", "--warmup", "20", "--precision", "fp32", "--device", "cpu",
            "--workers", "1", "--logs", os.path.join(work, "runs"), "--name", "student", "--log-every-n-steps", "50",

@@ -24,6 +24,10 @@ from quickstart import I2T, STUDENT, T2I, TEACHER, ZS, evaluate, kd_flags, prepa
 TERMS = [("crd", "task=1,crd=1"), ("fd", "task=1,fd=2000"), ("icl", "task=1,icl=1"), ("xkd", "task=1,xkd=1"),
          ("gd", "task=1,gd=1"), ("afd", "task=1,afd=1"), ("sim", "task=1,sim=1"), ("emb", "task=1,emb=1"),
          ("feat", "task=1,feat=1")]
+# the sigmoid rows: the demo teacher is a CLIP model (no logit bias), so sig_kd is given SigLIP's initial bias
+SIGMOID = [("task_siglip", "task_siglip=1", []), ("task_siglip + crd", "task_siglip=1,crd=1", []),
+           ("sig_kd", "task=1,sig_kd=1", ["--teacher-logit-biases=-10"]),
+           ("task_siglip + sig_kd", "task_siglip=1,sig_kd=1", ["--teacher-logit-biases=-10"])]
 RECIPES = ["clip-kd", "tinyclip", "mobileclip", "distillclip", "open_clip", "nvidia"]
 
 
@@ -38,7 +42,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="comma list of student seeds, e.g. 0,1,2")
     p.add_argument("--student-epochs", type=int, default=None, help="default: the quickstart's")
     p.add_argument("--only", default=None,
-                   help="comma list of rows to run besides the baseline: term names (fd, ...) or recipe names "
+                   help="comma list of rows to run besides the baseline: term names (fd, task_siglip+sig_kd, ...) or recipe names "
                         "(clip-kd is the quickstart's KD student) (default: all)")
     opts = p.parse_args()
     seeds = [int(s) for s in opts.seeds.split(",")]
@@ -47,6 +51,7 @@ def main() -> None:
     world, teacher_file, budget = prepare_teacher(opts.out, 2)
     epochs = opts.student_epochs or budget.student_epochs
     runs = [(f"task + {name}", name, ["--distill", spec]) for name, spec in TERMS]
+    runs += [(name, name.replace(" + ", "+"), [*flags, "--distill", spec]) for name, spec, flags in SIGMOID]
     runs += [(f"recipe {r}", r, ["--recipe", r]) for r in RECIPES]
     if opts.only:
         wanted = set(opts.only.split(","))
