@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .transforms import SourceImage
+
 MISSING_REASON = "not_in_teacher_cache"  # the `skipped` reason of a sample the teacher cache lacks
 
 
@@ -124,7 +126,8 @@ def draw_captions(count: int, per_step: int, rng: random.Random | None) -> list[
 def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, is_train: bool,
                 rng: random.Random | None = None, captions_rng: random.Random | None = None,
                 teacher_entry: dict | None = None, caption_indices: Sequence[int] | None = None) -> dict[str, Any]:
-    """Turn one decoded PIL image + its caption(s) into the model inputs (teacher tensors only when they differ).
+    """Turn one image (a PIL image, or a SourceImage decoded here as the views need) + its caption(s) into the model
+    inputs: uint8 pixels (normalised on the device, training.data.device), teacher pixels only when they differ.
 
     Several captions: `draw_captions` picks `transforms.captions_per_step` of them with `captions_rng`; the first goes
     to `text`, the second (if any) to `text_2`, and `caption_index` records which were drawn. A source that carries
@@ -144,9 +147,10 @@ def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, 
         sample = views(image, view=cached.pop("view") if cached else None, rng=rng)
     else:
         student_tf, teacher_tf = transforms.for_split(is_train)
-        sample = {"image": student_tf(image)}
+        decoded = image.full() if isinstance(image, SourceImage) else image  # plain callables take a PIL image
+        sample = {"image": student_tf(decoded)}
         if teacher_tf is not None:
-            sample["teacher_image"] = teacher_tf(image)
+            sample["teacher_image"] = teacher_tf(decoded)
     for i, c in enumerate(chosen):
         suffix = "" if i == 0 else f"_{i + 1}"  # text, text_2
         sample["text" + suffix] = transforms.tokenizer([captions[c]])[0]

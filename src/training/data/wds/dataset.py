@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from training.config import DataConfig
 from training.data import datacompdr
 from training.data.common import DataInfo, DataTransforms, caption_rng, collate, make_sample, sample_rng
+from training.data.transforms import ImageDecodeError
 
 from ...errors import NoDataError, TeacherCacheError, UsageError
 from .resume import resume_positions, select_state, stream_state
@@ -188,6 +189,11 @@ class WdsDataset(IterableDataset):
         source = None if self.source_names is None else self.source_names[self.shard_sources[shard]]
         key = make_key(raw_key, url, source, self.key_format)
         if not preprocess:
+            try:  # the pixels decode lazily (at render time): decode them as the replayed run did
+                image.full()
+            except ImageDecodeError as e:
+                reader.skip(e.skip_reason, url, f"{raw_key}: {e!r}")
+                return None
             cache = self.transforms.teacher_cache if self.is_train else None
             # replay must reject what make_sample would: a key the cache lacks (--cache-missing skip)
             return None if cache is not None and cache.missing == "skip" and key not in cache else True
