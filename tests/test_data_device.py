@@ -3,6 +3,7 @@ trainer normalises on the device; the teacher cache's replayed views stay bit-id
 
 import io
 import os
+import random
 
 import numpy as np
 import pytest
@@ -78,10 +79,9 @@ def test_reduced_decode_keeps_the_crop_geometry(size):
     pixels = photo(*size, seed=1)
     source = SourceImage(jpeg_bytes(pixels))
     full = Image.open(io.BytesIO(source.data)).convert("RGB")
-    rng = np.random.default_rng(0)
     scales = set()
     for i in range(6):
-        view = sample_view(*size, __import__("random").Random(i), scale=(0.35, 1.0), flip_prob=0.5)
+        view = sample_view(*size, random.Random(i), scale=(0.35, 1.0), flip_prob=0.5)
         scale = dct_scale(view, FMT.size)
         scales.add(scale)
         fast = render_pixels(source, view, FMT).float()
@@ -93,7 +93,6 @@ def test_reduced_decode_keeps_the_crop_geometry(size):
                                                  view.width, view.flip), FMT).float()
         assert (fast - exact).abs().mean() < (shifted - exact).abs().mean()
     assert max(scales) > 1  # these sources are decoded at a reduced scale
-    del rng
 
 
 def test_small_sources_and_non_jpeg_decode_at_full_size():
@@ -106,6 +105,18 @@ def test_small_sources_and_non_jpeg_decode_at_full_size():
     assert factor == 1.0 and image.size == (400, 400)
     assert torch.equal(render_pixels(png, ViewParams(0, 0, 400, 400), FMT),
                        render_pixels(Image.open(io.BytesIO(buf.getvalue())), ViewParams(0, 0, 400, 400), FMT))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_reduced_decode_of_grey_and_cmyk_jpegs(mode):
+    buf = io.BytesIO()
+    Image.fromarray(photo(600, 500, seed=2)).convert(mode).save(buf, format="JPEG", quality=92)
+    source = SourceImage(buf.getvalue())
+    view = ViewParams(20, 30, 460, 520, flip=True)
+    assert dct_scale(view, FMT.size) == 4
+    fast = render_pixels(source, view, FMT).float()
+    exact = render_pixels(Image.open(io.BytesIO(buf.getvalue())), view, FMT).float()
+    assert fast.shape == (3, 64, 64) and (fast - exact).abs().mean() < 3.0
 
 
 def test_undecodable_pixels_are_a_counted_skip(tmp_path):
