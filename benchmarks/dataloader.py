@@ -2,6 +2,7 @@
 
     python benchmarks/dataloader.py                          # 600 JPEGs (384 px shorter side), 224 px crops
     python benchmarks/dataloader.py --num-images 2000 --workers 1 2 4 --repeats 3
+    python benchmarks/dataloader.py --skip-pipelines --skip-step --num-images 300   # CPU-ms per sample only
 
 Builds (once, cached in --data-dir) a CSV dataset of synthetic photo-like JPEGs stored the way
 scripts/prepare_cc3m.sh stores them (shorter side 384, JPEG q95), converts it with `python -m training.data.convert`,
@@ -16,6 +17,10 @@ Two measures, median over --repeats, interleaved so machine noise hits all pipel
   wall clock  samples/s with --workers DataLoader workers, from the first batch to the last (start-up excluded);
               "per worker" = samples/s / workers
 
+Then CPU-ms per sample in a worker (in-process, one thread, interleaved) for our loader before this data path (float,
+full decode, tokenised per sample), with uint8 crops, with reduced JPEG decode, with stored token ids (the default),
+and open_clip's reference pipeline, on --source-size sources and on sources twice the crop size.
+
 Then the trainer's view: a real training step (`training.train.train_step`, tiny-student + tiny-teacher KD by default)
 fed by our WebDataset loader with --step-workers workers; data time = time blocked waiting for the next batch,
 reported as a fraction of (data time + step time). Prints markdown tables.
@@ -27,6 +32,7 @@ import argparse
 import contextlib
 import io
 import logging
+import math
 import os
 import statistics
 import sys
@@ -44,14 +50,20 @@ import open_clip  # noqa: E402
 import training  # noqa: E402,F401  (registers the tiny model configs)
 from training.config import DataConfig, section_from  # noqa: E402
 from training.data.common import DataTransforms  # noqa: E402
+from training.data.device import normalize_pixels  # noqa: E402
+from training.data.transforms import ImageFormat, PairedViews, SourceImage  # noqa: E402
 from training.data.wds import get_wds_dataset  # noqa: E402
 
+TOKENIZER = "ViT-B-16"  # open_clip's CLIP tokenizer (the same for ViT-B-32, ViT-T-16, ...)
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-def make_dataset(folder: str, n: int, short_side: int, seed: int = 0) -> tuple[str, str]:
-    """CSV of photo-like JPEGs (smooth colour fields + texture) and the same data as shards; returns (csv, pattern)."""
+
+def make_dataset(folder: str, n: int, short_side: int, seed: int = 0, tokenize: str = TOKENIZER) -> tuple[str, str]:
+    """CSV of photo-like JPEGs (smooth colour fields + texture) and the same data as shards (with stored token ids
+    of `tokenize`); returns (csv, pattern)."""
     csv = os.path.join(folder, "train.csv")
     shards = os.path.join(folder, "shards")
-    if not os.path.exists(os.path.join(shards, "sizes.json")):
+    if not os.path.exists(os.path.join(shards, "tokens.json")):
         os.makedirs(os.path.join(folder, "images"), exist_ok=True)
         rng = np.random.default_rng(seed)
         rows = ["filepath\ttitle"]
@@ -70,7 +82,7 @@ def make_dataset(folder: str, n: int, short_side: int, seed: int = 0) -> tuple[s
 
         with contextlib.redirect_stdout(io.StringIO()):
             convert([csv, "--data-root", folder, "--out", shards, "--samples-per-shard", str(max(1, n // 12)),
-                     "--overwrite", "--no-progress"])
+                     "--overwrite", "--no-progress", "--tokenize", tokenize])
     names = sorted(f for f in os.listdir(shards) if f.endswith(".tar"))
     pattern = os.path.join(shards, "{" + names[0][:-4] + ".." + names[-1][:-4] + "}.tar")
     return csv, pattern
@@ -110,7 +122,6 @@ def reference_loader(args, preprocess, tokenizer):
     tar -> samples stage is replaced by webdataset's `tarfile_to_samples`; every other stage, buffer size and the
     with_epoch/WebLoader set-up are open_clip's (its detshuffle2 / filter / handler when importable).
     """
-    import math
 
     import webdataset as wds
 
@@ -184,6 +195,72 @@ def bench_pipelines(opts, csv: str, pattern: str) -> list[dict]:
     return rows
 
 
+class BeforeViews:
+    """Our views as they were rendered before the uint8 path, for the "before" rows: from a full decode and (with
+    `normalise`) as normalised floats on the CPU (to_tensor + normalize: the same arithmetic the device does now)."""
+
+    def __init__(self, views: PairedViews, normalise: bool):
+        self.views, self.normalise = views, normalise
+
+    def __call__(self, image, view=None, rng=None):
+        out = self.views(image.full() if isinstance(image, SourceImage) else image, view=view, rng=rng)
+        if self.normalise:
+            out["image"] = normalize_pixels(out["image"], self.views.student)
+        return out
+
+
+# (label, uint8, reduced decode, stored token ids); the last is what training does now
+OURS = [("ours before: float, full decode, tokenise", False, False, False),
+        ("ours uint8, full decode, tokenise", True, False, False),
+        ("ours uint8, reduced decode, tokenise", True, True, False),
+        ("ours uint8, reduced decode, stored ids (default)", True, True, True)]
+
+
+def worker_loader(opts, pattern: str, variant, tokenizer, preprocess):
+    """One in-process epoch (workers=0) of our WebDataset loader in one configuration, or of the reference."""
+    args = data_args(opts, "", pattern, "wds", 0)
+    if variant is None:
+        return reference_loader(args, preprocess, tokenizer)
+    _, uint8, reduced, stored = variant
+    fmt = ImageFormat(opts.image_size, OPENAI_MEAN, OPENAI_STD, "bicubic")
+    views = PairedViews(fmt, None, train=True, seed=0)
+    transforms = DataTransforms(tokenizer=tokenizer, train_views=views if reduced and uint8 else
+                                BeforeViews(views, normalise=not uint8))
+    info = get_wds_dataset(section_from(DataConfig, vars(args)), transforms, seed=0, rank=0, world_size=1)
+    if not stored:
+        info.dataloader.dataset.token_shards = None  # tokenise every sample, as before the stored ids
+    info.set_epoch(0, 0)
+    return info.dataloader
+
+
+def bench_worker_cpu(opts) -> list[dict]:
+    """CPU-ms per sample of a worker (in-process, one torch thread), interleaved over pipelines and sources."""
+    # "2x": every train crop (>= 90% of the area, open_clip's scale) is at least twice the view on its shorter side
+    two_x = 16 * math.ceil(2 * opts.image_size / 0.9 / 16)
+    sources = {f"{opts.source_size} px sources": make_dataset(opts.data_dir, opts.num_images, opts.source_size)[1],
+               f"{two_x} px sources (crops >= 2x the view)": make_dataset(
+                   f"{opts.data_dir}-{two_x}", opts.num_images, two_x)[1]}
+    tokenizer = open_clip.get_tokenizer(TOKENIZER)
+    preprocess = open_clip.image_transform(opts.image_size, is_train=True)
+    variants = [*OURS, None]
+    ms: dict = {(src, i): [] for src in sources for i in range(len(variants))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(opts.repeats):
+        for src, pattern in sources.items():
+            for i, variant in enumerate(variants):
+                ms[src, i].append(1000 / cpu_rate(worker_loader(opts, pattern, variant, tokenizer, preprocess)))
+    torch.set_num_threads(threads)
+    rows = []
+    for src in sources:
+        ref = statistics.median(ms[src, len(variants) - 1])
+        for i, variant in enumerate(variants):
+            value = statistics.median(ms[src, i])
+            rows.append({"source": src, "pipeline": variant[0] if variant else "open_clip reference "
+                         "(image_transform + tokenizer)", "ms": value, "vs_ref": value / ref})
+    return rows
+
+
 def bench_step(opts, pattern: str) -> dict:
     from training import distributed
     from training.params import parse_config
@@ -236,6 +313,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--skip-step", action="store_true", help="only the pipeline table")
     p.add_argument("--skip-pipelines", action="store_true", help="only the training-step table")
+    p.add_argument("--skip-worker-cpu", action="store_true", help="no CPU-ms-per-sample table")
     opts = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - opts.step_workers))
@@ -255,6 +333,11 @@ def main() -> None:
         label = "CPU time, in-process" if row["measure"] == "cpu" else "wall clock"
         print(f"| {row['pipeline']} | {label} | {row['workers'] or 1} | {row['rate']:.1f} | {row['per_worker']:.1f} | "
               f"{row['vs_ref']:.2f}x |")
+    if not opts.skip_worker_cpu:
+        print("\n| source | worker pipeline (224 px train view + tokens) | CPU-ms per sample | vs open_clip |")
+        print("|---|---|---:|---:|")
+        for row in bench_worker_cpu(opts):
+            print(f"| {row['source']} | {row['pipeline']} | {row['ms']:.2f} | {row['vs_ref']:.2f}x |")
     if not opts.skip_step:
         r = bench_step(opts, pattern)
         print("\n| training step (CPU) | batch | workers | step ms | data wait ms | data fraction |")

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from training import distributed  # noqa: E402
+from training.data.device import model_image, teacher_image  # noqa: E402
 from training.params import parse_config  # noqa: E402
 from training.precision import autocast_for, input_dtype  # noqa: E402
 from training.train import train_step  # noqa: E402
@@ -127,7 +128,9 @@ def measure_pair(opts, teacher_name: str, student_name: str, folder: str) -> dic
     device = kd_run.env.device
     batch = next(iter(kd_run.data.dataloader))
     teacher = kd_run.teacher
-    image = batch.get("teacher_image", batch["image"]).to(device, dtype=input_dtype(opts.precision))
+    student_fmt, teacher_fmt = kd_run.student_bundle.image_format, kd_run.teacher_bundle.image_format
+    student_image = model_image(batch["image"], student_fmt, device, input_dtype(opts.precision))
+    image = teacher_image(batch, student_image, student_fmt, teacher_fmt, device, input_dtype(opts.precision))
     text = batch.get("teacher_text", batch["text"]).to(device)
     autocast = autocast_for(opts.precision, device)
 
@@ -159,8 +162,7 @@ def measure_pair(opts, teacher_name: str, student_name: str, folder: str) -> dic
         ratios["online/cached"] = statistics.median(
             o / c for o, c in zip(measures["KD step"], measures["cached KD step"]))
     student_model = student_run.model
-    student_fwd = forward_flops(lambda: student_model(batch["image"].to(device, dtype=input_dtype(opts.precision)),
-                                                      batch["text"].to(device)))
+    student_fwd = forward_flops(lambda: student_model(student_image, batch["text"].to(device)))
     flops = {"student fwd": student_fwd, "teacher fwd": forward_flops(teacher_forward)}
     return {"med": {k: statistics.median(v) for k, v in measures.items()}, "device": device, "cache": cache_info,
             "ratios": ratios, "flops": flops}

@@ -17,7 +17,7 @@ from PIL import Image
 
 from training.config import DataConfig
 from training.data.common import DataTransforms
-from training.data.transforms import ImageFormat, PairedViews, ViewParams, render_view
+from training.data.transforms import ImageFormat, PairedViews, ViewParams, render_pixels
 from training.data.wds import get_wds_dataset
 from training.main import main
 
@@ -93,7 +93,7 @@ def test_replays_the_drawn_augmentation_beside_its_embedding(tmp_path):
             view = ViewParams(*crop, flip=augs[k]["random_horizontal_flip"])
             assert batch["view"][j].tolist() == list(view.as_tuple())
             with Image.open(io.BytesIO(files["jpg"])) as im:
-                torch.testing.assert_close(batch["image"][j], render_view(im.convert("RGB"), view, fmt))
+                torch.testing.assert_close(batch["image"][j], render_pixels(im.convert("RGB"), view, fmt))
 
             def members(x):
                 t = torch.from_numpy(x)

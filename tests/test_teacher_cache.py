@@ -18,7 +18,8 @@ from PIL import Image
 import training  # noqa: F401  (registers the tiny model configs)
 from training import cache_teacher, distributed, teacher_cache
 from training.data.common import sample_rng
-from training.data.transforms import ImageFormat, ViewParams, render_view
+from training.data.device import normalize_pixels
+from training.data.transforms import ImageFormat, ViewParams, render_pixels, render_view
 from training.main import main
 from training.models import create_clip
 from training.params import parse_config
@@ -250,14 +251,15 @@ def test_replayed_view_reproduces_the_teacher_pixels_exactly(world):
             s = make_sample(image, caption, key, same, True, sample_rng(0, epoch, key))
             k = int(s["teacher_view_index"])
             seen.add(k)
-            assert torch.equal(s["image"], built["pixels"][k])  # exactly what the teacher embedded
+            # uint8 from the loader, normalised on the device: exactly what the teacher embedded
+            assert torch.equal(normalize_pixels(s["image"], tfmt), built["pixels"][k])
             assert torch.equal(s["view"], built["views"][k].long())
             entry = cache.entry(key)
             assert torch.equal(s["teacher_image_emb"], entry["image"][0][k])
             assert torch.equal(s["teacher_text_emb"], entry["text"][0])
             o = make_sample(image, caption, key, other, True, sample_rng(0, epoch, key))
             assert int(o["teacher_view_index"]) == k  # the view index is a function of (seed, epoch, key)
-            assert torch.equal(o["image"], render_view(image, ViewParams.from_tuple(built["views"][k].tolist()), small))
+            assert torch.equal(o["image"], render_pixels(image, ViewParams.from_tuple(built["views"][k].tolist()), small))
         assert built["views"][0].tolist()[2] == min(image.size)  # view 0 is the centre (eval) square
     assert seen == {0, 1, 2}
     # default selection: the augmented views 1..K-1

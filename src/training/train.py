@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import accumulation, distributed
+from .data.device import model_image, teacher_image
 from .errors import NonFiniteLossError
 from .models.towers import mask_keys
 
@@ -20,7 +21,8 @@ def teacher_outputs(trainer, batch: dict, image: torch.Tensor, text: torch.Tenso
     if "teacher_image_emb" in batch:  # joined from the cache by make_sample (training/teacher_cache/join.py)
         return trainer.teacher.outputs_from_batch(batch, trainer.env.device)
     device, dtype = trainer.env.device, trainer.precision.batch_dtype
-    t_image = batch["teacher_image"].to(device, dtype=dtype, non_blocking=True) if "teacher_image" in batch else image
+    t_image = teacher_image(batch, image, _format(trainer.student_bundle), _format(trainer.teacher_bundle), device,
+                            dtype)
     t_text = batch_text(batch, "teacher_text").to(device, non_blocking=True) if "teacher_text" in batch else text
     return trainer.teacher(t_image, t_text)
 
@@ -40,10 +42,14 @@ def batch_text(batch: dict, name: str = "text") -> torch.Tensor:
     return batch[name]
 
 
+def _format(bundle):
+    return bundle.image_format if bundle is not None else None
+
+
 def model_inputs(trainer, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(image, text tokens); text is None for caption-less batches (image-only students)."""
+    """The student's image (uint8 from the workers, normalised on the device: training.data.device) and tokens."""
     device = trainer.env.device
-    image = batch["image"].to(device, dtype=trainer.precision.batch_dtype, non_blocking=True)
+    image = model_image(batch["image"], _format(trainer.student_bundle), device, trainer.precision.batch_dtype)
     return image, batch_text(batch).to(device, non_blocking=True) if "text" in batch else None
 
 

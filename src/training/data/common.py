@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .transforms import SourceImage
+
 MISSING_REASON = "not_in_teacher_cache"  # the `skipped` reason of a sample the teacher cache lacks
 
 
@@ -123,13 +125,16 @@ def draw_captions(count: int, per_step: int, rng: random.Random | None) -> list[
 
 def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, is_train: bool,
                 rng: random.Random | None = None, captions_rng: random.Random | None = None,
-                teacher_entry: dict | None = None, caption_indices: Sequence[int] | None = None) -> dict[str, Any]:
-    """Turn one decoded PIL image + its caption(s) into the model inputs (teacher tensors only when they differ).
+                teacher_entry: dict | None = None, caption_indices: Sequence[int] | None = None,
+                caption_tokens: torch.Tensor | None = None) -> dict[str, Any]:
+    """Turn one image (a PIL image, or a SourceImage decoded here as the views need) + its caption(s) into the model
+    inputs: uint8 pixels (normalised on the device, training.data.device), teacher pixels only when they differ.
 
     Several captions: `draw_captions` picks `transforms.captions_per_step` of them with `captions_rng`; the first goes
     to `text`, the second (if any) to `text_2`, and `caption_index` records which were drawn. A source that carries
     its own teacher embeddings (DataCompDR shards) passes the drawn `teacher_entry` (as a cache's `sample_entry`
-    returns it) and its `caption_indices`."""
+    returns it) and its `caption_indices`. `caption_tokens` [captions, context]: the student's ids of every caption,
+    stored at conversion (training.data.tokens); used instead of the tokenizer when they number the captions."""
     views = transforms.train_views if is_train else transforms.val_views
     captions = as_captions(caption)
     chosen = list(caption_indices) if caption_indices is not None else \
@@ -144,13 +149,15 @@ def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, 
         sample = views(image, view=cached.pop("view") if cached else None, rng=rng)
     else:
         student_tf, teacher_tf = transforms.for_split(is_train)
-        sample = {"image": student_tf(image)}
+        decoded = image.full() if isinstance(image, SourceImage) else image  # plain callables take a PIL image
+        sample = {"image": student_tf(decoded)}
         if teacher_tf is not None:
-            sample["teacher_image"] = teacher_tf(image)
+            sample["teacher_image"] = teacher_tf(decoded)
+    stored = caption_tokens is not None and caption_tokens.shape[0] == len(captions)
     for i, c in enumerate(chosen):
         suffix = "" if i == 0 else f"_{i + 1}"  # text, text_2
         if transforms.tokenizer is not None:  # None: the student has no text tower (image-only students)
-            sample["text" + suffix] = transforms.tokenizer([captions[c]])[0]
+            sample["text" + suffix] = caption_tokens[c] if stored else transforms.tokenizer([captions[c]])[0]
         if transforms.teacher_tokenizer is not None:
             sample["teacher_text" + suffix] = transforms.teacher_tokenizer([captions[c]])[0]
     sample["caption_index"] = torch.tensor(chosen, dtype=torch.long)  # [captions_per_step]

@@ -10,6 +10,7 @@ caption) and `<key>.json` ({key, row, filepath, caption}); `sizes.json` maps sha
 Original image bytes are copied (other formats such as BMP/GIF/TIFF are re-encoded as JPEG, quality 95) after a full
 decode check. Rows with an empty caption, a missing image or an undecodable image are skipped and listed at the end
 (and in `convert_skipped.tsv`). Existing shards are never overwritten unless `--overwrite` is given.
+`--tokenize MODEL` also stores each sample's caption token ids (training.data.tokens), so training tokenises once.
 Bad input prints one line and exits with status 2.
 """
 
@@ -27,6 +28,8 @@ from collections import Counter
 
 from PIL import Image
 
+from training.data.common import as_captions
+from training.data.tokens import FINGERPRINT, TOKENS_EXT, encode_tokens, fingerprint
 from training.errors import UsageError, run_cli
 from training.fileio import atomic_path, write_json, write_text
 
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="folder joined to relative image paths")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes reading and checking images (0: in this process)")
+    p.add_argument("--tokenize", default=None, metavar="MODEL",
+                   help="also store each caption's token ids for MODEL's tokenizer (<key>.tok.npy + tokens.json), so "
+                        "training reads them instead of tokenising every epoch")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -111,7 +117,7 @@ class ShardWriter:
             self._pending.__exit__(RuntimeError, RuntimeError("conversion aborted"), None)
             self.tf, self.count = None, 0
 
-    def write(self, key: str, ext: str, image: bytes, caption: str, meta: dict) -> None:
+    def write(self, key: str, ext: str, image: bytes, caption: str, meta: dict, tokens: bytes | None = None) -> None:
         if self.tf is None:
             self._pending = contextlib.ExitStack()
             tmp = self._pending.enter_context(atomic_path(os.path.join(self.out, f"{len(self.sizes):05d}.tar")))
@@ -119,6 +125,8 @@ class ShardWriter:
         _add(self.tf, f"{key}.{ext}", image)
         _add(self.tf, f"{key}.txt", caption.encode("utf-8"))
         _add(self.tf, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        if tokens is not None:
+            _add(self.tf, f"{key}.{TOKENS_EXT}", tokens)
         self.count += 1
         if self.count == self.per_shard:
             self._close()
@@ -133,7 +141,7 @@ def _prepare_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
     existing = sorted(glob.glob(os.path.join(out, "*.tar")) + glob.glob(os.path.join(out, ".tmp-*.tar"))
-                      + glob.glob(os.path.join(out, "sizes.json")))
+                      + glob.glob(os.path.join(out, "sizes.json")) + glob.glob(os.path.join(out, FINGERPRINT)))
     if existing and not overwrite:
         raise UsageError(f"--out {out} already holds shards ({len(existing)} files, e.g. "
                          f"{os.path.basename(existing[0])}); pass --overwrite to replace them")
@@ -142,9 +150,21 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         os.remove(path)
 
 
+def caption_tokenizer(model: str):
+    """open_clip's tokenizer for a model config (the ones this project registers included); unknown names are
+    refused rather than silently given open_clip's default tokenizer."""
+    import open_clip
+
+    import training  # noqa: F401  (registers the project's model configs)
+
+    if not model.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(model) is None:
+        raise UsageError(f"--tokenize {model}: unknown model (open_clip.list_models() lists the known ones)")
+    return open_clip.get_tokenizer(model)
+
+
 def convert(csv: str, out: str, *, samples_per_shard: int = 10000, csv_img_key: str = "filepath",
             csv_caption_key: str = "title", csv_separator: str = "\t", data_root: str | None = None, workers: int = 0,
-            overwrite: bool = False, no_progress: bool = False) -> dict:
+            overwrite: bool = False, no_progress: bool = False, tokenize: str | None = None) -> dict:
     """Convert one CSV into shards in `out`; returns the summary `print_summary` shows."""
     from training.data.csv import read_csv_table
 
@@ -162,6 +182,7 @@ def convert(csv: str, out: str, *, samples_per_shard: int = 10000, csv_img_key: 
     total_rows = len(keys) + sum(dropped.values())
     skipped: dict[str, list[tuple[str, str]]] = {"empty_caption": [(f"{stem}/{r}", "")
                                                                    for r in sorted(set(range(total_rows)) - set(rows))]}
+    tokenizer = caption_tokenizer(tokenize) if tokenize else None
     _prepare_out(out, overwrite)
 
     from tqdm import tqdm
@@ -187,7 +208,8 @@ def convert(csv: str, out: str, *, samples_per_shard: int = 10000, csv_img_key: 
             if detail:
                 notes["re-encoded as JPEG"] += 1
             meta = {"key": keys[i], "row": rows[i], "filepath": paths[i], "caption": captions[i]}
-            writer.write(keys[i], ext, data, captions[i], meta)
+            tokens = encode_tokens(tokenizer(as_captions(captions[i]))) if tokenizer is not None else None
+            writer.write(keys[i], ext, data, captions[i], meta, tokens)
         ok = True
     finally:
         if pool is not None:
@@ -198,6 +220,8 @@ def convert(csv: str, out: str, *, samples_per_shard: int = 10000, csv_img_key: 
         raise UsageError(f"no image of {csv} could be read (first: {paths[0]}); check --data-root and "
                          f"--csv-img-key")
     sizes = writer.finish()
+    if tokenizer is not None:
+        write_json(os.path.join(out, FINGERPRINT), fingerprint(tokenize, tokenizer))
     write_text(os.path.join(out, "convert_skipped.tsv"), "reason\tkey\tdetail\n" + "".join(
         f"{reason}\t{key}\t{detail}\n" for reason, items in skipped.items() for key, detail in items))
     return {"rows": total_rows, "samples": sum(sizes.values()), "shards": sizes,

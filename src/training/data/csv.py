@@ -22,7 +22,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import DataConfig
@@ -38,6 +38,7 @@ from .common import (
     parse_caption_list,
     sample_rng,
 )
+from .transforms import SourceImage
 
 _MAX_SUBSTITUTES = 64
 
@@ -79,11 +80,12 @@ def read_csv_table(paths: list[str], roots: list[str | None], img_key: str, capt
 
 
 def open_image(path: str):
-    """(decoded RGB image, None), or (None, skip reason) when the file is missing or cannot be decoded."""
+    """(SourceImage, None), or (None, skip reason) when the file is missing or is no image. The pixels are decoded
+    when a view is rendered (at a reduced JPEG scale when the crop allows it); a failure there raises ImageDecodeError,
+    counted as `corrupt_image` too."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB"), None
+        with open(path, "rb") as f:
+            return SourceImage(f.read()), None
     except FileNotFoundError:
         return None, "missing_image"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -44,6 +45,6 @@ def get_synthetic_dataset(data: DataConfig, transforms: DataTransforms, *, seed:
                                  num_samples=data.train_num_samples if is_train else None)
     sampler.set_epoch(epoch)
     loader = DataLoader(dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.workers,
-                        collate_fn=collate, drop_last=True)
+                        collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=True)
     return DataInfo(dataloader=loader, num_batches=sampler.num_batches,
                     num_samples=sampler.num_batches * data.batch_size * world_size, set_epoch_fn=sampler.set_epoch)

@@ -26,7 +26,7 @@ from ..config import DataConfig, RuntimeConfig, TeacherConfig
 from ..data import dataset_type
 from ..data.common import as_captions
 from ..data.csv import open_image, read_csv_table
-from ..data.transforms import ImageFormat, centre_view, render_view, sample_view
+from ..data.transforms import ImageDecodeError, ImageFormat, centre_view, render_view, sample_view
 from ..data.wds import TarReader, check_url_support, expand_sources, make_key, shard_stem, source_names
 from ..errors import UsageError
 from ..fileio import read_json, write_json
@@ -197,8 +197,12 @@ class _BuildStream(IterableDataset):
             items = self._wds_items(task, skipped) if task.url else self._csv_items(task, skipped)
             batch: list = []
             for key, caption, image in items:
-                batch.append(prepare_sample(image, caption, key, self.fmt, self.tokenizer, self.views, self.seed,
-                                            self.scale, self.ratio, self.flip))
+                try:  # the pixels decode here (lazily, at the training loader's DCT scale for each view)
+                    batch.append(prepare_sample(image, caption, key, self.fmt, self.tokenizer, self.views, self.seed,
+                                                self.scale, self.ratio, self.flip))
+                except ImageDecodeError as e:
+                    skipped[e.skip_reason] += 1
+                    continue
                 if len(batch) == self.batch_size:
                     yield {"task": task.index, "samples": _stack(batch), "last": False, "skipped": {}}
                     batch = []

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from training.config import DataConfig
 from training.data import datacompdr
 from training.data.common import DataInfo, DataTransforms, caption_rng, collate, make_sample, sample_rng
+from training.data.tokens import TOKENS_EXT, decode_tokens, stored_token_dirs
+from training.data.transforms import ImageDecodeError
 
 from ...errors import NoDataError, TeacherCacheError, UsageError
 from .resume import resume_positions, select_state, stream_state
@@ -78,7 +80,7 @@ class WdsDataset(IterableDataset):
                  transforms: DataTransforms, *, is_train: bool, resampled: bool, weights: list[float] | None,
                  batch_size: int, workers: int, rank: int, world_size: int, seed: int, worker_batches: int | None,
                  caption_key: str, key_format: str, shuffle_buffer: int, epoch: int,
-                 datacompdr_widths: list[int] | None = None):
+                 datacompdr_widths: list[int] | None = None, token_shards: list[bool] | None = None):
         super().__init__()
         self.shards, self.shard_sources, self.source_names = shards, shard_sources, source_names_
         self.transforms, self.is_train, self.resampled, self.weights = transforms, is_train, resampled, weights
@@ -86,6 +88,7 @@ class WdsDataset(IterableDataset):
         self.seed, self.worker_batches = seed, worker_batches
         self.caption_key, self.key_format = caption_key, key_format
         self.datacompdr_widths = datacompdr_widths  # DataCompDR layout: teacher embeddings ride in each sample
+        self.token_shards = token_shards  # per shard: its stored caption ids are the student's (training.data.tokens)
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.shuffle_initial = min(DEFAULT_SHUFFLE_INITIAL, self.shuffle_buffer)
         self.epoch, self.start_batch = epoch, 0
@@ -188,6 +191,11 @@ class WdsDataset(IterableDataset):
         source = None if self.source_names is None else self.source_names[self.shard_sources[shard]]
         key = make_key(raw_key, url, source, self.key_format)
         if not preprocess:
+            try:  # the pixels decode lazily (at render time): decode them as the replayed run did
+                image.full()
+            except ImageDecodeError as e:
+                reader.skip(e.skip_reason, url, f"{raw_key}: {e!r}")
+                return None
             cache = self.transforms.teacher_cache if self.is_train else None
             # replay must reject what make_sample would: a key the cache lacks (--cache-missing skip)
             return None if cache is not None and cache.missing == "skip" and key not in cache else True
@@ -198,7 +206,11 @@ class WdsDataset(IterableDataset):
                 entry, chosen = datacompdr.draw(dr, self.transforms.captions_per_step, rng, captions)
                 return make_sample(image, caption, key, self.transforms, True, rng, captions, teacher_entry=entry,
                                    caption_indices=chosen)
-            return make_sample(image, caption, key, self.transforms, self.is_train, rng, captions)
+            tokens = None
+            if self.token_shards is not None and self.token_shards[shard] and TOKENS_EXT in files:
+                tokens = decode_tokens(files[TOKENS_EXT])
+            return make_sample(image, caption, key, self.transforms, self.is_train, rng, captions,
+                               caption_tokens=tokens)
         except UsageError:  # e.g. a key missing from the teacher cache in error mode: never train on wrong targets
             raise
         except Exception as e:  # noqa: BLE001 - any preprocessing failure is a skipped sample
@@ -444,11 +456,18 @@ def get_wds_dataset(data: DataConfig, transforms: DataTransforms, *, seed: int, 
         num_samples = data.val_num_samples or dataset_size(sources) or 0
         num_batches = math.ceil(num_samples / batch_size)
 
+    caption_key = "txt" if data.wds_caption_key is None else data.wds_caption_key  # '': caption-less shards
+    token_dirs = stored_token_dirs([local_path(u) for u in shards], transforms.tokenizer, caption_key) \
+        if transforms.tokenizer is not None and not data.datacompdr_teachers else set()
+    token_shards = [local_path(u) is not None and os.path.dirname(local_path(u)) in token_dirs for u in shards]
+    if any(token_shards):
+        log.info("webdataset: %d of %d shards carry the student's caption token ids: captions are not tokenised "
+                 "again", sum(token_shards), len(shards))
     dataset = WdsDataset(
         shards, shard_sources, names, transforms, is_train=is_train, resampled=resampled, weights=weights,
         batch_size=batch_size, workers=workers, rank=rank, world_size=world_size,
-        seed=int(seed or 0), worker_batches=worker_batches,
-        caption_key="txt" if data.wds_caption_key is None else data.wds_caption_key,  # '': caption-less shards
+        seed=int(seed or 0), worker_batches=worker_batches, caption_key=caption_key,
+        token_shards=token_shards if any(token_shards) else None,
         datacompdr_widths=datacompdr.parse_widths(data.datacompdr_teachers) if is_train else None,
         key_format=key_format, shuffle_buffer=int(data.wds_shuffle_buffer or DEFAULT_SHUFFLE_BUFFER), epoch=epoch)
     loader = WdsLoader(dataset, num_batches, num_samples)

@@ -7,7 +7,6 @@ Both the training stream (`training.data.wds.dataset`) and the teacher-cache bui
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,8 +15,7 @@ import tarfile
 from collections import Counter
 from typing import Any
 
-from PIL import Image
-
+from ..transforms import SourceImage
 from .urls import local_path, url_scheme
 
 log = logging.getLogger("training.data.wds")
@@ -167,7 +165,7 @@ class TarReader:
             yield key, shard_index, files
 
     def decode(self, raw_key: str, files: dict, url: str, caption_key: str):
-        """(RGB PIL image, caption) of one raw sample, or None when it is skipped (and counted)."""
+        """(SourceImage, caption) of one raw sample, or None when it is skipped (and counted)."""
         files = self.load(files)
         ext = next((e for e in IMAGE_EXTS if e in files), None)
         if ext is None:
@@ -182,8 +180,7 @@ class TarReader:
             self.skip("missing_caption", url)
             return None
         try:
-            with Image.open(io.BytesIO(files[ext])) as im:
-                return im.convert("RGB"), caption
+            return SourceImage(files[ext]), caption  # header read here, pixels when a view is rendered
         except Exception as e:  # noqa: BLE001 - any decode failure is a skipped sample
             self.skip("corrupt_image", url, f"{raw_key}: {e!r}")
             return None
