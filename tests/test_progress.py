@@ -65,6 +65,7 @@ def test_off_and_disabled_write_nothing(stderr, monkeypatch):
 def test_training_bar_counts_steps_and_shows_loss_and_throughput(stderr, monkeypatch):
     out = stderr(io.StringIO())
     monkeypatch.setattr(progress, "POSTFIX_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress, "LINE_DELAY_S", 0.0)
     bar = progress.TrainProgress(total=10, initial=2, samples_per_step=64, enabled=True)
     for i in range(5):
         bar.step({"total": torch.tensor(1.5 - 0.1 * i)}, epoch=0)
@@ -73,3 +74,12 @@ def test_training_bar_counts_steps_and_shows_loss_and_throughput(stderr, monkeyp
     bar.close()
     last = out.getvalue().splitlines()[-1]
     assert "7/10" in last and "loss 1.1000" in last and "samples/s" in last and "epoch 0" in last
+
+
+def test_a_run_that_fails_before_the_first_line_leaves_only_its_error(stderr):
+    """lines mode: a run that stops on bad input within LINE_DELAY_S writes no bar line, so its stderr is the one
+    error line."""
+    out = stderr(io.StringIO())
+    bar = progress.TrainProgress(total=10, initial=0, samples_per_step=64, enabled=True)
+    bar.close(failed=True)
+    assert out.getvalue() == ""

@@ -21,6 +21,7 @@ from tqdm import tqdm
 ENV_VAR = "CLIP_KD_PROGRESS"
 MODES = ("bar", "lines", "off")
 LINE_INTERVAL_S = 30.0  # "lines" mode: at most one status line per bar this often
+LINE_DELAY_S = 2.0  # "lines" mode, training: no line for a run that ends (or fails) sooner, so a bad run prints its error only
 POSTFIX_INTERVAL_S = 0.5  # how often the training bar reads the loss (a device sync on GPU)
 
 
@@ -49,13 +50,14 @@ class _LineStream:
 
 
 def bar(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it", leave: bool = True,
-        enabled: bool = True, initial: int = 0) -> tqdm:
-    """A tqdm bar in this process's mode (disabled when `enabled` is False or the mode is "off")."""
+        enabled: bool = True, initial: int = 0, delay: float = 0.0) -> tqdm:
+    """A tqdm bar in this process's mode (disabled when `enabled` is False or the mode is "off"); in "lines" mode
+    nothing is written before `delay` seconds."""
     mode = progress_mode() if enabled else "off"
     kwargs = {}
     if mode == "lines":
         kwargs = {"file": _LineStream(sys.stderr), "mininterval": LINE_INTERVAL_S, "maxinterval": LINE_INTERVAL_S,
-                  "ascii": True, "ncols": 100}
+                  "ascii": True, "ncols": 100, "delay": delay}
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, initial=initial,
                 disable=mode == "off", dynamic_ncols=mode == "bar", **kwargs)
 
@@ -78,7 +80,7 @@ class TrainProgress:
 
     def __init__(self, total: int, initial: int, samples_per_step: int, enabled: bool, desc: str = "train"):
         self.samples_per_step = samples_per_step
-        self.bar = bar(total=total, initial=initial, desc=desc, unit="step", enabled=enabled)
+        self.bar = bar(total=total, initial=initial, desc=desc, unit="step", enabled=enabled, delay=LINE_DELAY_S)
         self._last_time, self._last_n = time.perf_counter(), initial
         self._redirect = contextlib.ExitStack()
         if progress_mode() == "bar" and enabled:
@@ -100,6 +102,9 @@ class TrainProgress:
                                      refresh=False)
             self._last_time, self._last_n = now, self.bar.n
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run stops on an error; the bar is cleared, not left, so the error is the last thing shown."""
+        if failed:
+            self.bar.leave = False
         self.bar.close()
         self._redirect.close()

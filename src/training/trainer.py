@@ -280,8 +280,10 @@ class Trainer:
                                  enabled=self.env.is_master)
         try:
             self._run(max_steps, progress, window, end)
-        finally:
-            progress.close()
+        except BaseException:
+            progress.close(failed=True)
+            raise
+        progress.close()
 
     def _run(self, max_steps, progress: TrainProgress, window: Counter, end: float) -> None:
         state = self.state
