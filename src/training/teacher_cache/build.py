@@ -251,6 +251,8 @@ def build_cache(teacher_config: TeacherConfig, data: DataConfig, runtime: Runtim
         raise UsageError("--views must be at least 1 (view 0 is the centre view)")
     if not data.train_data:
         raise UsageError("--train-data is required")
+    if teacher_config.teacher_compile:
+        raise UsageError("--teacher-compile applies to training's live teacher, not to the teacher cache builder")
     kind = dataset_type(data)
     if kind not in ("csv", "webdataset"):
         raise UsageError(f"the teacher cache reads csv or webdataset data, not {kind}")
