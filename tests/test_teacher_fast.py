@@ -189,3 +189,24 @@ def test_compiled_teacher_matches_eager():
         _, compiled = _losses(forward, teacher, loss)
     for key in ("image_features", "text_features", "logit_scales"):
         torch.testing.assert_close(compiled[key][0], eager[key][0], atol=1e-5, rtol=1e-5)
+
+
+def _trainer(precision: str, *extra):
+    from training import distributed
+    from training.params import parse_config
+    from training.trainer import Trainer
+
+    config = parse_config(["--model", "tiny-student-p8", "--teacher", "tiny-teacher", "--dataset-type", "synthetic",
+                           "--synthetic-num-samples", "8", "--batch-size", "4", "--workers", "0", "--logs", "",
+                           "--precision", precision, "--device", "cpu", "--recipe", "clip-kd", *extra])
+    return Trainer(config, distributed.init_distributed(config.runtime.device))
+
+
+def test_trainer_prepares_the_teacher_after_the_student_inherits_fp32_weights():
+    fp32, amp = _trainer("fp32", "--init-from-teacher"), _trainer("amp_bf16", "--init-from-teacher")
+    assert fp32.teacher.compute_dtype is None and amp.teacher.compute_dtype is torch.bfloat16
+    assert amp.teacher.members[0].visual.conv1.weight.dtype is torch.bfloat16
+    assert amp.teacher.runs_towers == ["image", "text"]
+    a, b = fp32.student.state_dict(), amp.student.state_dict()
+    for k in a:  # the inherited init is the fp32 teacher's, not its bf16 copy
+        assert torch.equal(a[k], b[k]), k
