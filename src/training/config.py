@@ -64,6 +64,7 @@ class TeacherConfig:
 
     teacher: str | None = None
     teacher_pretrained: str | None = None
+    teacher_compile: bool = False
     teacher_cache: str | None = None
     cache_missing: str = "error"
     cache_views: str = "auto"

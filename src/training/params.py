@@ -158,6 +158,8 @@ def add_teacher_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-pretrained", "--t-model-checkpoint", "--distill-pretrained", dest="teacher_pretrained",
                    default=None,
                    help="teacher weights: pretrained tag or local file (comma list matching --teacher)")
+    g.add_argument("--teacher-compile", action="store_true",
+                   help="torch.compile the frozen teacher's forward once at start-up (static shapes)")
 
 
 def add_teacher_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -468,7 +470,7 @@ NEEDS = {"lock_image_unlocked_groups": "lock_image", "lock_image_freeze_bn_stats
          "teacher_pretrained": "teacher", "train_data_upsampling_factors": "dataset_resampled",
          "fsdp_shard_teacher": "fsdp", "init_from_teacher": "teacher", "inherit_layers": "init_from_teacher",
          "inherit_image_layers": "init_from_teacher", "inherit_text_layers": "init_from_teacher",
-         "t_eval": "teacher"}
+         "t_eval": "teacher", "teacher_compile": "teacher"}
 
 
 def _flag(dest: str) -> str:

@@ -29,8 +29,9 @@ from .distill import resolve_spec
 from .errors import TeacherCacheError, UsageError
 from .eval.hook import TrainingEvaluator
 from .logger import MetricLogger, WandbRun
-from .models import ModelBundle, StudentModel, create_teacher
+from .models import ModelBundle, StudentModel, Teacher, create_teacher
 from .models.inherit import init_student_from_teacher
+from .models.teacher import teacher_dtype
 from .models.towers import check_masking_supported
 from .optim import create_optimizer, param_groups
 from .precision import make_grad_scaler, resolve
@@ -94,7 +95,8 @@ def open_teacher(config: Config, device: torch.device):
     if config.data.datacompdr_teachers:  # DataCompDR shards carry the teachers' embeddings (training/data/datacompdr.py)
         return datacompdr_teacher(config), None, None
     if not config.teacher.teacher_cache:
-        teacher, bundle = create_teacher(config.teacher, device, config.runtime.precision, config.model.cache_dir)
+        # built in fp32 (--init-from-teacher copies these weights); prepare_teacher casts it once the student is built
+        teacher, bundle = create_teacher(config.teacher, device, None, config.model.cache_dir)
         return teacher, bundle, None
     from .teacher_cache import open_for_training
 
@@ -131,6 +133,25 @@ def student_forward_module(student, loss_fn, teacher, distill: DistillConfig, de
         forward.image_layers, forward.text_layers = layers.get("image"), layers.get("text")
         teacher.set_intermediate_layers(loss_fn.feat_layers_for("teacher"), member=distill.kd_teacher_member or 0)
     return forward
+
+
+def prepare_teacher(teacher, loss_fn, config: Config, device: torch.device) -> None:
+    """The live frozen teacher made cheap once at start-up (models/teacher.py): only the towers the active terms
+    read, weights in the low precision of --precision, optionally compiled. Under --fsdp-shard-teacher the weights
+    stay fp32 (FSDP2's mixed-precision policy casts the gathered blocks)."""
+    if not isinstance(teacher, Teacher):
+        if config.teacher.teacher_compile:
+            raise UsageError("--teacher-compile compiles the live teacher: with --teacher-cache or "
+                             "--datacompdr-teachers none is run")
+        return
+    teacher.set_outputs(loss_fn.teacher_towers)
+    sharded = config.parallel.fsdp_shard_teacher
+    if sharded and config.teacher.teacher_compile:
+        raise UsageError("--teacher-compile cannot compile a sharded teacher: drop it or --fsdp-shard-teacher")
+    dtype = None if sharded else teacher_dtype(config.runtime.precision, device)
+    teacher.prepare(dtype, compile=config.teacher.teacher_compile)
+    logging.info("teacher: towers %s, weights %s%s", "+".join(teacher.runs_towers) or "none",
+                 str(dtype or torch.float32).replace("torch.", ""), ", compiled" if config.teacher.teacher_compile else "")
 
 
 def check_teacher_biases(loss_fn, teacher) -> None:
@@ -173,6 +194,7 @@ class Trainer:
         logging.info("distillation: %s", self.loss_fn.describe())
 
         forward = self.kind.forward_module(self.student, self.loss_fn, self.teacher, config, env.device)
+        prepare_teacher(self.teacher, self.loss_fn, config, env.device)
         self.scaler = make_grad_scaler(self.precision, sharded=engine_name == "fsdp")
         optim = config.optim
         self.engine = parallel.create_engine(  # DDP, FSDP2, DeepSpeed or Horovod; the optimizer is built after wrapping

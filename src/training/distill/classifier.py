@@ -41,6 +41,7 @@ class ClassifierDistillLoss(nn.Module):
 
     needs_intermediates = False
     mask_ratio = 0.0
+    teacher_towers = frozenset({"image"})  # the class logits come from the teacher's image embedding
 
     def __init__(self, num_classes: int, teacher_dim: int, teacher_head: str = "text", kd_temperature: float = 1.0,
                  kd_weight: float = 1.0, ce_weight: float = 0.0):

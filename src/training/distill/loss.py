@@ -27,7 +27,7 @@ import torch.nn as nn
 from .. import distributed
 from ..config import DistillConfig
 from .features import resolve_feat_pairs
-from .registry import REGISTRY, Shapes, all_params, needs, params_of
+from .registry import REGISTRY, Shapes, all_params, needs, params_of, teacher_towers
 from .spec import (
     EMB_METRICS,
     FeatPair,
@@ -129,6 +129,7 @@ class DistillLoss(nn.Module):
         self.needs_teacher_bias = needs(active, "teacher_bias")
         self.needs_teacher_internals = needs(active, "teacher_internals")
         self.needs_intermediates = needs(active, "intermediates")
+        self.teacher_towers = teacher_towers(active)  # the teacher embeddings read: all the live teacher computes
         self.student_dim = student_dim
         dims = [] if teacher_dim is None else [int(d) for d in as_list(teacher_dim)]
         if self.needs_teacher and (not dims or any(d <= 0 for d in dims)):

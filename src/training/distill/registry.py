@@ -11,6 +11,8 @@ first use. What a registration declares:
 - `teacher`: the term reads teacher outputs (a run without --teacher refuses it);
 - `teacher_scale`: it reads the teacher's logit scale (or --teacher-logit-scale);
 - `teacher_bias`: it reads the teacher's logit bias (a SigLIP teacher's, or --teacher-logit-biases);
+- `teacher_towers`: the teacher embeddings it reads ("image", "text"; default both): the live teacher runs only the
+  towers some active term reads (`teacher_towers(names)`);
 - `teacher_internals`: it needs a live teacher's internals (a teacher-embedding cache cannot serve it);
 - `intermediates`: both models return the tokens of the resolved `feat_layers` pairs from their one forward;
 - `masked_view`: the student's image forward is masked (--mask-ratio); only ViT students can;
@@ -97,6 +99,7 @@ class Term:
     teacher: bool = True
     teacher_scale: bool = False
     teacher_bias: bool = False
+    teacher_towers: tuple[str, ...] = ("image", "text")
     teacher_internals: bool = False
     intermediates: bool = False
     masked_view: bool = False
@@ -134,6 +137,11 @@ def all_params() -> list[Param]:
 def needs(names, what: str) -> bool:
     """Whether any of these terms declares `what` (e.g. "teacher", "intermediates", "teacher_internals")."""
     return any(getattr(REGISTRY[n], what) for n in names if n in REGISTRY)
+
+
+def teacher_towers(names) -> frozenset[str]:
+    """The teacher embeddings ("image", "text") that these terms read: what the live teacher computes."""
+    return frozenset(t for n in names if n in REGISTRY and REGISTRY[n].teacher for t in REGISTRY[n].teacher_towers)
 
 
 # ---- the terms (math: terms.py, docs/losses.md) ------------------------------------------------------------------
@@ -219,18 +227,18 @@ def sim_intra(v: Views):
 
 
 @register("emb", "embedding regression of the projected raw student image embedding (--emb-metric)",
-          params=(PROJ_IMAGE,), options=("emb_metric",))
+          teacher_towers=("image",), params=(PROJ_IMAGE,), options=("emb_metric",))
 def emb(v: Views):
     return T.emb(v.praw("v", "rows"), v.tf("v", "rows"), v.loss.emb_metric)
 
 
 @register("emb_text", "embedding regression of the projected raw student text embedding (--emb-metric)",
-          params=(PROJ_TEXT,), options=("emb_metric",))
+          teacher_towers=("text",), params=(PROJ_TEXT,), options=("emb_metric",))
 def emb_text(v: Views):
     return T.emb(v.praw("t", "rows"), v.tf("t", "rows"), v.loss.emb_metric)
 
 
-@register("feat", "intermediate-layer token distillation (--feat-layers)", teacher_internals=True,
+@register("feat", "intermediate-layer token distillation (--feat-layers)", teacher_towers=(), teacher_internals=True,
           intermediates=True, params=(FEAT_PROJ,))
 def feat(v: Views):
     loss = v.loss

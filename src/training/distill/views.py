@@ -58,17 +58,21 @@ class Views:
         self._cache: dict = {}
         self.t_v = [x.detach().to(dtype) for x in as_list(t_v)] if t_v is not None else None
         self.t_t = [x.detach().to(dtype) for x in as_list(t_t)] if t_t is not None else None
-        if loss.needs_teacher and (self.t_v is None or (self.t_t is None and self.s_t is not None)):
-            raise ValueError(f"spec '{loss.spec}' needs teacher_image and teacher_text")
-        if self.t_v is not None:
-            k = len(self.t_v)
-            t_t = self.t_t if self.t_t is not None else self.t_v  # image-only: only the image widths to check
-            if len(t_t) != k or len(loss.teacher_dims) not in (0, k):
-                raise ValueError(f"teacher ensemble: {len(self.t_v)} image, {len(t_t)} text feature tensors "
+        # the teacher embeddings the active terms read (a live teacher computes only those: loss.teacher_towers)
+        wanted = {"image": self.t_v, "text": self.t_t}
+        missing = [tower for tower in sorted(loss.teacher_towers) if wanted[tower] is None]
+        if loss.needs_teacher and missing:
+            raise ValueError(f"spec '{loss.spec}' needs teacher_{' and teacher_'.join(missing)}")
+        given = [x for x in (self.t_v, self.t_t) if x is not None]
+        self.lt, self.lb = None, []
+        if given:
+            k = len(given[0])
+            if any(len(x) != k for x in given) or len(loss.teacher_dims) not in (0, k):
+                raise ValueError(f"teacher ensemble: {[len(x) for x in given]} image/text feature tensors "
                                  f"for {len(loss.teacher_dims)} teacher(s)")
-            dims = loss.teacher_dims or [x.shape[-1] for x in self.t_v]
-            if [x.shape[-1] for x in self.t_v] != dims or [x.shape[-1] for x in t_t] != dims:
-                raise ValueError(f"teacher feature widths {[x.shape[-1] for x in self.t_v]} do not match "
+            dims = loss.teacher_dims or [x.shape[-1] for x in given[0]]
+            if any([x.shape[-1] for x in features] != dims for features in given):
+                raise ValueError(f"teacher feature widths {[x.shape[-1] for x in given[0]]} do not match "
                                  f"teacher_dim {dims}")
             if loss.teacher_logit_scales is not None:  # per member (MobileCLIP2's 70/60)
                 if len(loss.teacher_logit_scales) != k:

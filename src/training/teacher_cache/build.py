@@ -269,6 +269,8 @@ def build_cache(teacher_config: TeacherConfig, data: DataConfig, runtime: Runtim
         raise UsageError("--views must be at least 1 (view 0 is the centre view)")
     if not data.train_data:
         raise UsageError("--train-data is required")
+    if teacher_config.teacher_compile:
+        raise UsageError("--teacher-compile applies to training's live teacher, not to the teacher cache builder")
     kind = dataset_type(data)
     plans = {"csv": lambda: plan_csv(data, build.samples_per_shard), "webdataset": lambda: plan_wds(data),
              "imagefolder": lambda: plan_imagefolder(data, build.samples_per_shard)}
