@@ -12,7 +12,7 @@ from training.distill import create_distill_loss
 from training.distill.registry import REGISTRY, teacher_towers
 from training.models import Teacher, create_clip
 from training.models.teacher import teacher_dtype
-from training.train import _distill_losses
+from training.student_kinds import student_kind
 from training.trainer import prepare_teacher, student_forward_module
 
 CPU = torch.device("cpu")
@@ -56,8 +56,7 @@ def _losses(forward, teacher, loss, autocast_dtype=None):
     with ctx:
         t = teacher(image, teacher_text)
         s = forward(image, text)
-        trainer = type("T", (), {"loss_fn": loss, "step": 0})()
-        return _distill_losses(trainer, s, t), t
+        return loss(**student_kind("clip").loss_inputs(s, t, {}, 0, CPU)), t
 
 
 def test_teacher_dtype_follows_precision(monkeypatch):
