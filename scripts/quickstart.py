@@ -60,7 +60,7 @@ def train(out: str, name: str, model: str, world, epochs: int, extra: list[str],
     """Train with the CLI; returns the final checkpoint. `eval_every` > 0: zero-shot + retrieval every N epochs."""
     cmd = [sys.executable, "-m", "training.main", "--model", model, "--train-data", data or world.train_csv,
            "--data-root", world.data_root, "--batch-size", "64", "--epochs", str(epochs), "--lr", "2e-3",
-           "--wd", "0.1", "--warmup", "50", "--precision", "fp32", "--device", "cpu",
+           "--beta2", "0.98", "--eps", "1e-6", "--wd", "0.1", "--warmup", "50", "--precision", "fp32", "--device", "cpu",
            "--workers", "1", "--logs", os.path.join(out, "runs"), "--name", name, "--log-every-n-steps", "20",
            "--seed", str(seed), "--save-frequency", str(epochs), "--report-to", "tensorboard",
            "--zeroshot-frequency", str(eval_every), "--val-frequency", str(eval_every), *extra]

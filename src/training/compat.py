@@ -109,7 +109,8 @@ FLAGS: tuple[Flag, ...] = (
                                             "--lr-cooldown-end"),
     _native("--lr"),
     _native("--beta1", note="default by model as open_clip: 0.9"),
-    _native("--beta2", note="default by model as open_clip: 0.98 for ViT students, else 0.999"),
+    _native("--beta2", note="default by model as open_clip: 0.98 for ViT students, else 0.999 (ViT told by "
+                             "architecture, open_clip by 'vit' in the name)"),
     _native("--eps", note="default by model as open_clip: 1e-6 for ViT students, else 1e-8"),
     _native("--wd"),
     _native("--momentum", OPEN_CLIP, "momentum of a timm SGD-type --opt"),
@@ -278,10 +279,24 @@ def val_dataset_type(value: str) -> str:
 
 # ---- what a flag means beyond its spelling ------------------------------------------------------------------------
 def default_adam_params(model: str) -> dict[str, float]:
-    """open_clip_train's get_default_params: the Adam betas/eps a flag left unset takes, by student name."""
-    if "vit" in model.lower():
+    """open_clip_train's get_default_params: the Adam betas/eps a flag left unset takes, 0.98/1e-6 for a ViT
+    student and 0.999/1e-8 otherwise. open_clip tells a ViT by 'vit' in the model's name; here by its architecture
+    where its config is known (so `tiny-student`, a ViT, is one), else by the name as open_clip does."""
+    if is_vit_student(model):
         return {"beta1": 0.9, "beta2": 0.98, "eps": 1.0e-6}
     return {"beta1": 0.9, "beta2": 0.999, "eps": 1.0e-8}
+
+
+def is_vit_student(model: str) -> bool:
+    import open_clip
+
+    config = open_clip.get_model_config(model) if model else None
+    if not config:
+        return "vit" in model.lower()
+    vision = config.get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        return "vit" in vision["timm_model_name"].lower()
+    return not isinstance(vision.get("layers"), (list, tuple))  # a list of stage depths: ModifiedResNet
 
 
 def _square_size(value) -> int | None:

@@ -65,8 +65,11 @@ def bar(iterable=None, *, total: int | None = None, desc: str = "", unit: str = 
 def iterate(iterable, *, desc: str, unit: str = "batch", total: int | None = None, enabled: bool = True):
     """`iterable` wrapped in a transient bar (evaluation batches); the bar is removed when done in "bar" mode."""
     mode = progress_mode() if enabled else "off"
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:  # an IterableDataset's loader (WebDataset shards) has no length
+            total = None
     with bar(iterable, total=total, desc=desc, unit=unit, leave=mode == "lines", enabled=enabled) as b:
         yield from b
 
