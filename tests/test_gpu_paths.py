@@ -162,9 +162,12 @@ def test_accumulation_updates_batchnorm_statistics_once_per_micro_batch(world):
     trainer.data.set_epoch(0)
     micro = next(iter(trainer.data.dataloader))
     reference.train()
+    from training.data.device import model_image
+
     with torch.no_grad():
-        for b in micro:  # what two plain forwards of the micro-batches do to the statistics
-            reference.encode_image(b["image"])
+        for b in micro:  # what two plain forwards of the micro-batches do to the statistics (uint8 batches)
+            reference.encode_image(model_image(b["image"], trainer.student_bundle.image_format, torch.device("cpu"),
+                                               torch.float32))
     from training.train import accumulated_step
 
     trainer.model.train()
