@@ -53,6 +53,20 @@ def kd_world(root, n: int = 24, size: int = 64) -> dict:
     return {"root": root, "csv": csv, "data_root": str(root / "data"), "teacher": teacher}
 
 
+def small_world(root) -> dict:
+    """12 image-caption pairs (64 px): 3 optimizer steps an epoch at batch 4."""
+    csv = write_image_csv(str(root / "data"), n=12, size=64)
+    return {"root": root, "csv": csv, "data_root": str(root / "data")}
+
+
+def small_run_argv(world: dict, name: str, *extra) -> list[str]:
+    """A 2-epoch tiny-student run over `small_world` (3 optimizer steps an epoch, batch 4), task loss only."""
+    return ["--model", "tiny-student", "--train-data", world["csv"], "--data-root", world["data_root"],
+            "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32",
+            "--workers", "0", "--logs", str(world["root"] / "logs"), "--name", name, "--zeroshot-frequency", "0",
+            "--val-frequency", "0", "--device", "cpu", *extra]
+
+
 def relative_distance(a: dict, b: dict) -> float:
     """||a - b|| / ||a|| over all tensors of two state dicts with the same keys."""
     assert a.keys() == b.keys()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import training  # noqa: F401
-from helpers import write_image_csv
+from helpers import small_run_argv, small_world
 from training.checkpoint import CheckpointManager
 from training.config import CheckpointConfig
 from training.main import main
@@ -14,17 +14,10 @@ from training.main import main
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    csv = write_image_csv(str(root / "data"), n=12, size=64)
-    return {"root": root, "csv": csv, "data_root": str(root / "data")}
+    return small_world(tmp_path_factory.mktemp("ckpt"))
 
 
-def _argv(world, name, *extra):
-    """3 optimizer steps per epoch (12 samples, batch 4), task loss only."""
-    return ["--model", "tiny-student", "--train-data", world["csv"], "--data-root", world["data_root"],
-            "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32",
-            "--workers", "0", "--logs", str(world["root"] / "logs"), "--name", name, "--zeroshot-frequency", "0",
-            "--val-frequency", "0", "--device", "cpu", *extra]
+_argv = small_run_argv
 
 
 def _files(world, name):

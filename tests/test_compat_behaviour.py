@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import training  # noqa: F401
-from helpers import kd_world, write_image_csv
+from helpers import kd_world, small_run_argv, small_world, write_image_csv
 from training.config import ModelConfig, OptimConfig
 from training.errors import UsageError
 from training.main import main
@@ -25,17 +25,10 @@ from training.scheduler import LRSchedule
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("compat")
-    csv = write_image_csv(str(root / "data"), n=12, size=64)
-    return {"root": root, "csv": csv, "data_root": str(root / "data")}
+    return small_world(tmp_path_factory.mktemp("compat"))
 
 
-def _argv(world, name, *extra):
-    """3 optimizer steps an epoch (12 samples, batch 4), task loss only."""
-    return ["--model", "tiny-student", "--train-data", world["csv"], "--data-root", world["data_root"],
-            "--batch-size", "4", "--epochs", "2", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32",
-            "--workers", "0", "--logs", str(world["root"] / "logs"), "--name", name, "--zeroshot-frequency", "0",
-            "--val-frequency", "0", "--device", "cpu", *extra]
+_argv = small_run_argv
 
 
 # ---- FLIP patch dropout ------------------------------------------------------------------------------------------
