@@ -226,9 +226,10 @@ def main() -> None:
               f"{seconds} |")
     print(f"| chance | {100 * world.chance:.1f} | {100 / world.num_val:.1f} | {100 / world.num_val:.1f} | | |")
     margin = {k: rows["KD"][k] - rows["baseline"][k] for k in METRICS}
-    ratio = rows["KD"][I2T] / rows["baseline"][I2T] if rows["baseline"][I2T] else float("inf")
+    base = rows["baseline"][I2T]  # the ratio is undefined when the baseline retrieves nothing
+    ratio = f"{rows['KD'][I2T] / base:.2f}×" if base else "baseline at 0"
     print(f"\nKD − baseline: zero-shot {100 * margin[ZS]:+.1f} pp, I→T R@1 {100 * margin[I2T]:+.1f} pp "
-          f"({ratio:.2f}×), T→I R@1 {100 * margin[T2I]:+.1f} pp (seed {opts.seed}; the spread over seeds: "
+          f"({ratio}), T→I R@1 {100 * margin[T2I]:+.1f} pp (seed {opts.seed}; the spread over seeds: "
           f"python benchmarks/methods.py --seeds 0,1,2 --only clip-kd)")
     print(f"models: teacher {describe(TEACHER)}; students {describe(STUDENT)}")
 
