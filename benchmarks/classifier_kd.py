@@ -99,7 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="demo", help="the quickstart's folder (world and teacher reused when present)")
     p.add_argument("--model", default="resnet18", help="the student: a timm name or an open_clip config")
-    p.add_argument("--image-size", type=int, default=32, help="the student's input size (the world's own size by default)")
+    p.add_argument("--image-size", type=int, default=32, help="the student's input size (the demo world's images are 32 px)")
     p.add_argument("--labelled-per-class", type=int, default=10)
     p.add_argument("--steps", type=int, default=120, help="optimizer steps of every student run")
     p.add_argument("--batch-size", type=int, default=32)

@@ -131,7 +131,7 @@ def calibration_images(source: str, count: int, data_root: str | None = None, im
                        ) -> list[str]:
     """Up to `count` image paths for calibration, spread evenly over an image folder or a CSV's rows."""
     from .data.csv import read_csv_table
-    from .data.imagefolder import list_images
+    from .eval.datasets import list_images
 
     if os.path.isdir(source):
         paths = list_images(source)

@@ -117,7 +117,7 @@ def load_predictor(path: str, model_name: str | None):
 
 
 def collect_images(inputs: list[str]) -> list[str]:
-    from .data.imagefolder import list_images
+    from .eval.datasets import list_images
 
     paths: list[str] = []
     for item in inputs:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..config import DataConfig, comma_list
 from ..errors import UsageError
-from ..eval.datasets import IMG_EXTS
+from ..eval.datasets import IMG_EXTS, list_images
 from ..eval.templates import read_classnames
 from .common import DataInfo, DataTransforms, collate
 from .csv import CsvDataset, GlobalBatchSampler, open_image
@@ -49,15 +49,6 @@ class FolderTable:
     @property
     def num_labelled(self) -> int:
         return sum(1 for y in self.labels if y != UNLABELLED)
-
-
-def list_images(folder: str) -> list[str]:
-    """Every image file under `folder`, recursively, in sorted order (folders and files)."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        out.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMG_EXTS))
-    return out
 
 
 def _class_folder(folder: str) -> tuple[list[str], list[str]]:

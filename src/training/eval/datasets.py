@@ -352,7 +352,8 @@ def parse_dataset_specs(text: str | list[str] | None) -> list[DatasetSpec]:
 
 # ---- ImageNet family ---------------------------------------------------------------------------------------------
 
-def _list_images(folder: str) -> list[str]:
+def list_images(folder: str) -> list[str]:
+    """Every image file under `folder`, recursively, in sorted order (folders and files)."""
     out = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -363,7 +364,7 @@ def _list_images(folder: str) -> list[str]:
 def _folder_samples(path: str, folders: list[str], labels: list[int]) -> FileImages:
     paths, ys = [], []
     for folder, y in zip(folders, labels):
-        files = _list_images(os.path.join(path, folder))
+        files = list_images(os.path.join(path, folder))
         paths += files
         ys += [y] * len(files)
     if not paths:
