@@ -125,6 +125,9 @@ def test_every_numeric_flag_has_a_range():
     (["--device", "gpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--report-to", "mlflow"], "argument --report-to: unsupported 'mlflow' (supported: tensorboard, wandb)"),
     (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--decode-device", "cuda"], "--decode-device cuda needs the run on a CUDA device"),
+    (["--decode-device", "gpu"], "argument --decode-device: invalid choice: 'gpu'"),
+    (["--decode-device", "cpu"], "--decode-device cpu decodes image files; the synthetic set has none"),
 ])
 def test_inconsistent_flags_exit_2_with_one_line(capsys, extra, message):
     assert main([*extra, "--device", "cpu", "--logs", ""]) == 2

@@ -1,5 +1,6 @@
 """The uint8 data path: workers render uint8 crops (at a reduced JPEG DCT scale when the crop allows it) and the
-trainer normalises on the device; the teacher cache's replayed views stay bit-identical to what the teacher embedded."""
+trainer normalises on the device; the teacher cache's replayed views stay bit-identical to what the teacher embedded.
+Under --decode-device the trainer decodes and crops instead: the same views, pixels within a few grey levels."""
 
 import io
 import os
@@ -13,9 +14,9 @@ from PIL import Image
 
 import training  # noqa: F401
 from training import cache_teacher
-from training.data.common import DataTransforms
+from training.data.common import DataTransforms, collate, sample_rng
 from training.data.csv import CsvDataset, open_image
-from training.data.device import model_image, normalize_pixels, teacher_image
+from training.data.device import BLANKED, BatchDecoder, model_image, normalize_pixels, teacher_image
 from training.data.transforms import (
     ImageDecodeError,
     ImageFormat,
@@ -154,6 +155,11 @@ def test_cache_replay_with_reduced_decode_is_bit_identical(tmp_path):
     tf = DataTransforms(tokenizer=teacher.tokenizer, train_views=PairedViews(tfmt, None, train=True, seed=0),
                         val_views=PairedViews(tfmt, None, train=False), teacher_cache=cache)
     dataset = CsvDataset([str(data / "train.csv")], [str(data)], tf, is_train=True)
+    # --decode-device: the workers ship the replayed view with the bytes, and the trainer renders it
+    encoded = CsvDataset([str(data / "train.csv")], [str(data)], DataTransforms(
+        tokenizer=teacher.tokenizer, train_views=PairedViews(tfmt, None, train=True, seed=0, encoded=True),
+        teacher_cache=cache), is_train=True)
+    decoder = BatchDecoder(tfmt, None, torch.device("cpu"))
     scales = set()
     for i in range(len(dataset)):
         source, _ = open_image(dataset.images[i])
@@ -167,7 +173,64 @@ def test_cache_replay_with_reduced_decode_is_bit_identical(tmp_path):
             assert torch.equal(sample["view"], built["views"][k].long())
             replayed = normalize_pixels(sample["image"], tfmt)
             assert torch.equal(replayed, built["pixels"][k])  # bit-identical to what the teacher embedded
+            shipped = encoded[(i, epoch)]
+            assert torch.equal(shipped["view"], sample["view"]) and "image" not in shipped
+            assert int(shipped["teacher_view_index"]) == k
+            pixels = decoder(collate([shipped]))["image"][0]
+            assert (pixels.float() - sample["image"].float()).abs().mean() < 2.0  # same view, another resampler
             with torch.no_grad():
                 emb = torch.nn.functional.normalize(teacher_model.encode_image(replayed[None]), dim=-1)[0]
             torch.testing.assert_close(emb, sample["teacher_image_emb"].reshape(emb.shape), atol=1e-5, rtol=1e-4)
     assert max(scales) > 1  # the replay went through the reduced decode
+
+
+def _sources() -> list[SourceImage]:
+    """JPEGs from a little above the view to 14x it (every DCT scale of the workers' decode), a grey JPEG, a PNG."""
+    sources = [SourceImage(jpeg_bytes(photo(w, h, seed=i)))
+               for i, (w, h) in enumerate([(90, 70), (300, 260), (520, 400), (1100, 900), (640, 480)])]
+    grey, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo(500, 450, seed=8)).convert("L").save(grey, format="JPEG", quality=92)
+    Image.fromarray(photo(200, 150, seed=9)).save(png, format="PNG")
+    return sources + [SourceImage(grey.getvalue()), SourceImage(png.getvalue())]
+
+
+def _inset(view: ViewParams) -> ViewParams:
+    """The box shrunk by 1/16 of its size (at least 2 px) on every side: a zoom of a few output pixels."""
+    dx, dy = max(2, view.width // 16), max(2, view.height // 16)
+    return ViewParams(view.top + dy, view.left + dx, view.height - 2 * dy, view.width - 2 * dx, view.flip)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_trainer_side_decode_draws_the_same_views_and_renders_close_pixels(interpolation):
+    student = ImageFormat(64, FMT.mean, FMT.std, interpolation)
+    teacher = ImageFormat(96, (0.5,) * 3, (0.25,) * 3, interpolation)
+    workers = PairedViews(student, teacher, train=True, scale=(0.35, 1.0), flip_prob=0.5)
+    encoded = PairedViews(student, teacher, train=True, scale=(0.35, 1.0), flip_prob=0.5, encoded=True)
+    sources = _sources()
+    expected = collate([workers(s, rng=sample_rng(0, 0, f"row/{i}")) for i, s in enumerate(sources)])
+    shipped = collate([encoded(s, rng=sample_rng(0, 0, f"row/{i}")) for i, s in enumerate(sources)])
+    assert set(shipped) == {"encoded", "view", "skipped"} and isinstance(shipped["encoded"], list)
+    assert torch.equal(shipped["view"], expected["view"])  # the same draws: seeds, resume and cache replay hold
+    assert shipped["view"][:, 4].any() and not shipped["view"][:, 4].all()  # flipped and unflipped views
+    decoded = BatchDecoder(student, teacher, torch.device("cpu"))(shipped)
+    for name, fmt in (("image", student), ("teacher_image", teacher)):
+        out, ref = decoded[name], expected[name]
+        assert out.dtype == torch.uint8 and out.shape == ref.shape == (len(sources), 3, fmt.size, fmt.size)
+        error = (out.float() - ref.float()).abs().mean((1, 2, 3))
+        assert (error < 2.0).all(), error  # another resampling kernel (and a full decode): not bit-identical
+        # ... but the same box: another box a few output pixels off is a larger difference
+        views = [ViewParams.from_tuple(v) for v in expected["view"].tolist()]
+        shifted = torch.stack([render_pixels(s, _inset(v), fmt) for s, v in zip(sources, views)])
+        assert (error < (shifted.float() - ref.float()).abs().mean((1, 2, 3))).all()
+    assert decoded["skipped"] == {}
+
+
+def test_trainer_side_decode_blanks_and_counts_an_undecodable_source():
+    good, data = SourceImage(jpeg_bytes(photo(300, 260))), jpeg_bytes(photo(300, 300, seed=3))
+    broken = SourceImage(data[:len(data) // 2])  # a readable header, a cut-off scan: the workers would skip it
+    views = PairedViews(FMT, None, train=True, seed=0, encoded=True)
+    batch = collate([views(good), views(broken)])
+    out = BatchDecoder(FMT, None, torch.device("cpu"))(batch)
+    assert out["skipped"] == {BLANKED: 1} and not out["image"][1].any()
+    reference = render_pixels(good, ViewParams.from_tuple(batch["view"][0].tolist()), FMT).float()
+    assert (out["image"][0].float() - reference).abs().mean() < 2.0  # the other samples decode as usual

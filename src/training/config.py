@@ -134,6 +134,7 @@ class DataConfig:
     synthetic_num_samples: int = 1024
     batch_size: int = 64
     workers: int = 2
+    decode_device: str = "workers"  # workers (PIL, in the loader workers) | cpu | cuda (batched, in the trainer)
     dataset_resampled: bool = False
     train_data_upsampling_factors: str | None = None
     wds_caption_key: str = "txt"

@@ -9,6 +9,7 @@ Flags come in groups, one per config section (training/config.py); the other ent
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -271,10 +272,17 @@ def add_data_source_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wds-shuffle-buffer", type=int, default=5000, help="WebDataset per-worker sample shuffle buffer")
 
 
-def add_loader_flags(p: argparse.ArgumentParser) -> None:
+def add_loader_flags(p: argparse.ArgumentParser, decode_device: bool = False) -> None:
     g = p.add_argument_group('loading')
     g.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     g.add_argument("--workers", type=int, default=2, help="data loader workers per process")
+    if decode_device:  # training only
+        g.add_argument("--decode-device", default="workers", choices=["workers", "cpu", "cuda"],
+                       help="where training images are decoded and cropped: workers = PIL in the data loader workers; "
+                            "cpu | cuda = the workers only read the files' bytes and the trainer decodes each batch "
+                            "(torchvision decode_jpeg, batched on the GPU by nvjpeg under cuda) and crops there: the "
+                            "same crops and flips, pixels within a few grey levels of the workers' (another "
+                            "resampling kernel)")
 
 
 def add_val_flags(p: argparse.ArgumentParser) -> None:
@@ -403,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (add_model_flags, add_model_build_flags, add_student_kind_flags, add_teacher_flags, add_distill_flags,
-                add_data_source_flags, add_csv_flags, add_val_flags, add_teacher_cache_flags, add_loader_flags,
-                add_optim_flags, add_optim_choice_flags, add_runtime_flags, add_parallel_flags, add_checkpoint_flags,
+                add_data_source_flags, add_csv_flags, add_val_flags, add_teacher_cache_flags,
+                functools.partial(add_loader_flags, decode_device=True), add_optim_flags, add_optim_choice_flags,
+                add_runtime_flags, add_parallel_flags, add_checkpoint_flags,
                 add_logging_flags, add_eval_flags, add_imagenet_eval_flags, compat.add_refused_flags):
         add(p)
     return p
@@ -569,6 +578,7 @@ def validate_args(args: argparse.Namespace) -> Config:
             raise UsageError(f"--datacompdr-teachers {config.data.datacompdr_teachers}: DataCompDR shards do not "
                              f"store the teachers' logit scales; pass --teacher-logit-scales with {len(widths)} "
                              "value(s) (e.g. 100,100)")
+    check_decode_device(config)
     if config.data.captions_per_step > 1 and config.optim.accum_freq > 1:
         raise UsageError("--captions-per-step 2 does not combine with --accum-freq > 1 yet (the cached micro-batch "
                          "outputs hold one caption per image): use one of the two")
@@ -579,6 +589,26 @@ def validate_args(args: argparse.Namespace) -> Config:
     spec = resolve_spec(distill.distill, distill.recipe, distill.overrides)  # a bad spec fails before any model loads
     check_combinations(spec.terms, distill.feat_layers)
     return config
+
+
+def check_decode_device(config: Config) -> None:
+    """--decode-device cpu|cuda needs encoded images (not the synthetic set's arrays) and, for cuda, a CUDA device."""
+    decode = config.data.decode_device
+    if decode == "workers":
+        return
+    if decode == "cuda":
+        import torch
+
+        if not torch.cuda.is_available() or config.runtime.device == "cpu":
+            raise UsageError("--decode-device cuda needs the run on a CUDA device ("
+                             + ("--device cpu" if torch.cuda.is_available() else "this machine has none")
+                             + "): use --decode-device cpu or workers")
+
+    from .data import dataset_type
+
+    if dataset_type(config.data) == "synthetic":
+        raise UsageError(f"--decode-device {decode} decodes image files; the synthetic set has none: use "
+                         "--decode-device workers")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ from .accumulation import group_micro_batches
 from .checkpoint import CheckpointManager
 from .config import Config, DistillConfig
 from .data import DataTransforms, get_data
+from .data.device import BatchDecoder
 from .data.transforms import EvalTransform, PairedViews
 from .distill import resolve_spec
 from .errors import TeacherCacheError, UsageError
@@ -75,8 +76,10 @@ class TrainState:
         self.skipped = Counter(state.get("skipped", {})) if self.is_master else Counter()
 
 
-def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: int, cache=None) -> DataTransforms:
-    """One random view rendered for both models; the teacher's own tokenizer only when it differs."""
+def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: int, cache=None,
+                     encoded: bool = False) -> DataTransforms:
+    """One random view rendered for both models; the teacher's own tokenizer only when it differs. `encoded`
+    (--decode-device cpu|cuda): the training views are shipped undecoded and rendered by the trainer's BatchDecoder."""
     teacher_fmt = teacher.image_format if teacher else None
     teacher_tok = None
     if teacher and student.tokenizer is not None and not same_tokenizer(teacher.tokenizer, student.tokenizer):
@@ -85,7 +88,7 @@ def build_transforms(student: ModelBundle, teacher: ModelBundle | None, seed: in
                      type(teacher_tok).__name__, teacher.context_length)
     return DataTransforms(
         tokenizer=student.tokenizer, teacher_tokenizer=teacher_tok,
-        train_views=PairedViews(student.image_format, teacher_fmt, train=True, seed=seed),
+        train_views=PairedViews(student.image_format, teacher_fmt, train=True, seed=seed, encoded=encoded),
         val_views=PairedViews(student.image_format, teacher_fmt, train=False), teacher_cache=cache)
 
 
@@ -206,7 +209,15 @@ class Trainer:
         logging.info("student engine: %s", self.engine.describe())
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
 
-        transforms = build_transforms(self.student_bundle, self.teacher_bundle, config.seed, cache)
+        decode = config.data.decode_device
+        transforms = build_transforms(self.student_bundle, self.teacher_bundle, config.seed, cache,
+                                      encoded=decode != "workers")
+        self.decoder = None if decode == "workers" else BatchDecoder(  # --decode-device cpu|cuda
+            self.student_bundle.image_format, self.teacher_bundle.image_format if self.teacher_bundle else None,
+            env.device if decode == "cuda" else torch.device("cpu"))
+        if self.decoder is not None:
+            logging.info("training images are decoded and cropped in the trainer on %s; the loader workers only "
+                         "read the files", self.decoder.device)
         data = get_data(config.data, transforms, seed=config.seed, image_size=self.student_bundle.image_format.size
                         )["train"]
         self.data = group_micro_batches(data, optim.accum_freq)  # --accum-freq K: K micro-batches per step
@@ -347,6 +358,8 @@ class Trainer:
     def train_step(self, batch) -> dict[str, torch.Tensor] | None:
         """One optimizer step; None when it was skipped for a non-finite loss."""
         micro = batch if isinstance(batch, list) else [batch]
+        if self.decoder is not None:
+            micro = [self.decoder(b) for b in micro]
         self.schedule(self.state.step)
         for b in micro:
             self.state.skipped.update(b.get("skipped", {}))

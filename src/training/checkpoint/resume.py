@@ -21,7 +21,8 @@ _FIXED_ON_RESUME = {"dataset_type": ("--dataset-type", _DATA_MOVES), "seed": ("-
 # What it may change, said out loud: the run goes on from the same data position, but not as it would have.
 _NOTED_ON_RESUME = {"epochs": "--epochs (the LR schedule now spans the new total)", "lr": "--lr", "warmup": "--warmup",
                     "lr_scheduler": "--lr-scheduler", "wd": "--wd", "distill": "--distill", "recipe": "--recipe",
-                    "data_root": "--data-root", "train_data": "--train-data (the same file names in a new place)"}
+                    "data_root": "--data-root", "decode_device": "--decode-device (the same views; pixels "
+                    "resampled by another kernel)", "train_data": "--train-data (the same file names in a new place)"}
 
 
 def global_batch(batch_size: int, world_size: int, accum_freq: int) -> int:

@@ -167,8 +167,12 @@ def make_sample(image, caption: Captions, key: str, transforms: DataTransforms, 
     return sample
 
 
+LISTED = ("encoded",)  # per-sample tensors of their own length (a file's bytes): a list, never stacked
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors, keep keys as a list, and sum the per-sample `skipped` counters into one dict."""
+    """Stack tensors, keep keys (and the `LISTED` fields) as lists, and sum the per-sample `skipped` counters into
+    one dict."""
     batch: dict[str, Any] = {}
     skipped: Counter = Counter()
     for s in samples:
@@ -177,7 +181,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if name == "skipped":
             continue
         values = [s[name] for s in samples]
-        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) and name not in LISTED else values
     batch["skipped"] = dict(skipped)
     return batch
 

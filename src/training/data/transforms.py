@@ -10,6 +10,11 @@ on the device (training.data.device). A JPEG much larger than the crop it become
 (`SourceImage`, Pillow's `draft`): the crop box stays in source pixels and is mapped onto the reduced image, and the
 scale is a function of (source size, view, output size) only, so the teacher cache's build and its replay render the
 same pixels.
+
+Under `--decode-device cpu|cuda` the workers ship the encoded bytes and the drawn view instead (`PairedViews(...,
+encoded=True)`), and the trainer decodes the batch and renders each view with `render_tensor_pixels`
+(training.data.device.BatchDecoder): the same crop box and flip, resampled by torchvision's tensor kernels rather than
+PIL's, so the pixels agree to a few grey levels, not bit for bit.
 """
 
 from __future__ import annotations
@@ -179,6 +184,15 @@ def render_pixels(image, view: ViewParams, fmt: ImageFormat) -> torch.Tensor:
     return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def render_tensor_pixels(image: torch.Tensor, view: ViewParams, fmt: ImageFormat) -> torch.Tensor:
+    """`render_pixels` for a decoded uint8 tensor [3, H, W] (on any device): the same box in source pixels and the
+    same flip, resized with torchvision's antialiased tensor kernels. Those are not PIL's (nor is a full decode the
+    reduced DCT decode), so the result matches `render_pixels` within a few grey levels, not exactly."""
+    out = TF.resized_crop(image, view.top, view.left, view.height, view.width, [fmt.size, fmt.size],
+                          interpolation=_INTERP.get(fmt.interpolation, InterpolationMode.BICUBIC), antialias=True)
+    return TF.hflip(out) if view.flip else out
+
+
 def render_view(image, view: ViewParams, fmt: ImageFormat) -> torch.Tensor:
     """One model's normalised float input (CPU): `render_pixels`, then the normalisation the trainer does on the
     device (evaluation and the teacher-cache build use this)."""
@@ -197,12 +211,15 @@ class PairedViews:
     interpolation), the teacher; each model's mean/std is applied on the device.
 
     Returns {"image": student uint8 [3, S, S], "teacher_image": teacher uint8 (only if its pixels differ),
-    "view": params}.
+    "view": params}. With `encoded` (--decode-device cpu|cuda) nothing is decoded: the view is drawn from the header's
+    size exactly as above and the sample is {"encoded": the file's bytes as uint8 [N], "view": params}; the trainer
+    renders both models' pixels from them (training.data.device.BatchDecoder).
     """
 
     def __init__(self, student: ImageFormat, teacher: ImageFormat | None, train: bool, scale=(0.9, 1.0),
-                 flip_prob: float = 0.0, seed: int | None = None):
+                 flip_prob: float = 0.0, seed: int | None = None, encoded: bool = False):
         self.student = student
+        self.encoded = encoded
         self.teacher = teacher if teacher is not None and not same_pixels(teacher, student) else None
         self.train = train
         self.scale = scale
@@ -221,6 +238,11 @@ class PairedViews:
     def __call__(self, image, view: ViewParams | None = None, rng: random.Random | None = None) -> dict:
         """`rng` makes the view a function of the sample (e.g. seeded by (seed, epoch, key)) for exact resume."""
         view = view if view is not None else self.draw(image, rng)
+        if self.encoded:
+            if not isinstance(image, SourceImage):
+                raise TypeError("encoded views need the undecoded source (a SourceImage), not decoded pixels")
+            return {"encoded": torch.frombuffer(bytearray(image.data), dtype=torch.uint8),
+                    "view": torch.tensor(view.as_tuple())}
         out = {"image": render_pixels(image, view, self.student), "view": torch.tensor(view.as_tuple())}
         if self.teacher is not None:
             out["teacher_image"] = render_pixels(image, view, self.teacher)
