@@ -46,13 +46,18 @@ def _assert_same_state(a, b, atol=0.0):
             assert torch.allclose(a[k], b[k], atol=atol, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
 
 
-def test_resume_mid_epoch_is_exact(world):
-    # 3 batches per epoch x 2 epochs = 6 steps straight, vs 4 steps, stop, resume latest, 2 more.
-    assert main(_argv(world, "straight")) == 0
-    assert main(_argv(world, "resumed", "--max-steps", "4")) == 0
-    assert _ckpt(world, "resumed", "step_4.pt")["batch_in_epoch"] == 1
-    assert main(_argv(world, "resumed", "--resume", "latest")) == 0
-    a, b = _ckpt(world, "straight", "epoch_2.pt"), _ckpt(world, "resumed", "epoch_2.pt")
+@pytest.mark.parametrize("decode", ["workers", "cpu"])
+def test_resume_mid_epoch_is_exact(world, decode, capsys):
+    # 3 batches per epoch x 2 epochs = 6 steps straight, vs 4 steps, stop, resume latest, 2 more; with
+    # --decode-device cpu the trainer decodes and crops (2 loader workers reading the bytes)
+    extra = ["--decode-device", decode, "--workers", "2"] if decode != "workers" else []
+    straight, resumed = f"straight-{decode}", f"resumed-{decode}"
+    assert main(_argv(world, straight, *extra)) == 0
+    assert ("decoded and cropped in the trainer on cpu" in capsys.readouterr().out) == (decode == "cpu")
+    assert main(_argv(world, resumed, "--max-steps", "4", *extra)) == 0
+    assert _ckpt(world, resumed, "step_4.pt")["batch_in_epoch"] == 1
+    assert main(_argv(world, resumed, "--resume", "latest", *extra)) == 0
+    a, b = _ckpt(world, straight, "epoch_2.pt"), _ckpt(world, resumed, "epoch_2.pt")
     assert a["step"] == b["step"] == 6
     _assert_same_state(a["model"], b["model"])
     _assert_same_state(a["loss"], b["loss"])
@@ -170,8 +175,10 @@ def test_export_loads_in_open_clip_with_the_same_embeddings(world, tmp_path):
             assert set(torch.load(out, weights_only=True)) == set(reference.state_dict())
 
 
-def test_webdataset_resume_mid_epoch_is_exact(world, tmp_path):
-    """Shards from the CSV, 2 loader workers: stop mid-epoch, resume from the saved stream positions."""
+@pytest.mark.parametrize("decode", ["workers", "cpu"])
+def test_webdataset_resume_mid_epoch_is_exact(world, tmp_path, decode):
+    """Shards from the CSV, 2 loader workers: stop mid-epoch, resume from the saved stream positions (also with the
+    trainer decoding the shards' JPEG bytes: --decode-device cpu)."""
     from training.data.convert import main as convert_main
 
     shards = str(tmp_path / "shards")
@@ -182,16 +189,17 @@ def test_webdataset_resume_mid_epoch_is_exact(world, tmp_path):
 
     def argv(name, *extra):
         args = _argv(world, name, "--dataset-type", "webdataset", "--train-num-samples", "24", "--workers", "2",
-                     *extra)
+                     "--decode-device", decode, *extra)
         args[args.index("--train-data") + 1] = pattern
         return args
 
-    assert main(argv("wds-straight")) == 0
-    assert main(argv("wds-resumed", "--max-steps", "5")) == 0  # mid-epoch 2
-    latest = (world["root"] / "logs" / "wds-resumed" / "checkpoints" / "latest.txt").read_text().strip()
-    assert latest == "step_5.pt" and _ckpt(world, "wds-resumed", latest)["data_state"] is not None
-    assert main(argv("wds-resumed", "--resume", "latest")) == 0
-    a, b = _ckpt(world, "wds-straight", "epoch_2.pt"), _ckpt(world, "wds-resumed", "epoch_2.pt")
+    straight, resumed = f"wds-straight-{decode}", f"wds-resumed-{decode}"
+    assert main(argv(straight)) == 0
+    assert main(argv(resumed, "--max-steps", "5")) == 0  # mid-epoch 2
+    latest = (world["root"] / "logs" / resumed / "checkpoints" / "latest.txt").read_text().strip()
+    assert latest == "step_5.pt" and _ckpt(world, resumed, latest)["data_state"] is not None
+    assert main(argv(resumed, "--resume", "latest")) == 0
+    a, b = _ckpt(world, straight, "epoch_2.pt"), _ckpt(world, resumed, "epoch_2.pt")
     assert a["step"] == b["step"]
     _assert_same_state(a["model"], b["model"])
     _assert_same_state(a["loss"], b["loss"])
