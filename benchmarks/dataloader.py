@@ -19,11 +19,15 @@ Two measures, median over --repeats, interleaved so machine noise hits all pipel
 
 Then CPU-ms per sample in a worker (in-process, one thread, interleaved) for our loader before this data path (float,
 full decode, tokenised per sample), with uint8 crops, with reduced JPEG decode, with stored token ids (the default),
-and open_clip's reference pipeline, on --source-size sources and on sources twice the crop size.
+with device-side augmentation (--decode-device: the worker only reads the bytes and draws the view), and open_clip's
+reference pipeline, on --source-size sources and on sources twice the crop size. With them, the trainer-side cost of
+that last path: ms per sample of training.data.device.BatchDecoder (decode_jpeg + crop/resize/flip) on
+--decode-device (cpu: CPU time of one thread, like the workers; cuda: wall time, synchronised).
 
 Then the trainer's view: a real training step (`training.train.train_step`, tiny-student + tiny-teacher KD by default)
 fed by our WebDataset loader with --step-workers workers; data time = time blocked waiting for the next batch,
-reported as a fraction of (data time + step time). Prints markdown tables.
+reported as a fraction of (data time + step time). --step-device cuda runs it on the GPU (amp_bf16; fp32 on the CPU),
+--step-decode-device cpu|cuda with the trainer-side decode (its time is part of the step). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import open_clip  # noqa: E402
 import training  # noqa: E402,F401  (registers the tiny model configs)
 from training.config import DataConfig, section_from  # noqa: E402
 from training.data.common import DataTransforms  # noqa: E402
-from training.data.device import normalize_pixels  # noqa: E402
+from training.data.device import BatchDecoder, normalize_pixels  # noqa: E402
 from training.data.transforms import ImageFormat, PairedViews, SourceImage  # noqa: E402
 from training.data.wds import get_wds_dataset  # noqa: E402
 
@@ -209,11 +213,18 @@ class BeforeViews:
         return out
 
 
-# (label, uint8, reduced decode, stored token ids); the last is what training does now
-OURS = [("ours before: float, full decode, tokenise", False, False, False),
-        ("ours uint8, full decode, tokenise", True, False, False),
-        ("ours uint8, reduced decode, tokenise", True, True, False),
-        ("ours uint8, reduced decode, stored ids (default)", True, True, True)]
+# (label, uint8, reduced decode, stored token ids, encoded: the bytes only); the 4th is the default
+DEVICE_SIDE = "ours with device-side augmentation (--decode-device): bytes only"
+OURS = [("ours before: float, full decode, tokenise", False, False, False, False),
+        ("ours uint8, full decode, tokenise", True, False, False, False),
+        ("ours uint8, reduced decode, tokenise", True, True, False, False),
+        ("ours uint8, reduced decode, stored ids (default)", True, True, True, False),
+        (f"{DEVICE_SIDE}, tokenise", True, True, False, True),
+        (f"{DEVICE_SIDE}, stored ids", True, True, True, True)]
+
+
+def view_format(opts) -> ImageFormat:
+    return ImageFormat(opts.image_size, OPENAI_MEAN, OPENAI_STD, "bicubic")
 
 
 def worker_loader(opts, pattern: str, variant, tokenizer, preprocess):
@@ -221,9 +232,8 @@ def worker_loader(opts, pattern: str, variant, tokenizer, preprocess):
     args = data_args(opts, "", pattern, "wds", 0)
     if variant is None:
         return reference_loader(args, preprocess, tokenizer)
-    _, uint8, reduced, stored = variant
-    fmt = ImageFormat(opts.image_size, OPENAI_MEAN, OPENAI_STD, "bicubic")
-    views = PairedViews(fmt, None, train=True, seed=0)
+    _, uint8, reduced, stored, encoded = variant
+    views = PairedViews(view_format(opts), None, train=True, seed=0, encoded=encoded)
     transforms = DataTransforms(tokenizer=tokenizer, train_views=views if reduced and uint8 else
                                 BeforeViews(views, normalise=not uint8))
     info = get_wds_dataset(section_from(DataConfig, vars(args)), transforms, seed=0, rank=0, world_size=1)
@@ -233,8 +243,22 @@ def worker_loader(opts, pattern: str, variant, tokenizer, preprocess):
     return info.dataloader
 
 
-def bench_worker_cpu(opts) -> list[dict]:
-    """CPU-ms per sample of a worker (in-process, one torch thread), interleaved over pipelines and sources."""
+def decode_ms(decoder: BatchDecoder, batches: list[dict]) -> float:
+    """ms per sample of the trainer-side decode + crop of `batches`: CPU time on the CPU, synchronised wall time on
+    a GPU."""
+    gpu = decoder.device.type == "cuda"
+    clock = time.perf_counter if gpu else time.process_time
+    start = clock()
+    for batch in batches:
+        decoder(batch)
+    if gpu:
+        torch.cuda.synchronize(decoder.device)
+    return 1000 * (clock() - start) / sum(count(b) for b in batches)
+
+
+def bench_worker_cpu(opts) -> tuple[list[dict], list[dict]]:
+    """CPU-ms per sample of a worker (in-process, one torch thread), interleaved over pipelines and sources; and the
+    trainer-side decode's ms per sample on --decode-device for the device-side augmentation rows' batches."""
     # "2x": every train crop (>= 90% of the area, open_clip's scale) is at least twice the view on its shorter side
     two_x = 16 * math.ceil(2 * opts.image_size / 0.9 / 16)
     sources = {f"{opts.source_size} px sources": make_dataset(opts.data_dir, opts.num_images, opts.source_size)[1],
@@ -244,13 +268,22 @@ def bench_worker_cpu(opts) -> list[dict]:
     preprocess = open_clip.image_transform(opts.image_size, is_train=True)
     variants = [*OURS, None]
     ms: dict = {(src, i): [] for src in sources for i in range(len(variants))}
+    decoder = BatchDecoder(view_format(opts), None, torch.device(opts.decode_device))
+    shipped = {src: list(worker_loader(opts, pattern, OURS[-1], tokenizer, preprocess))
+               for src, pattern in sources.items()}
+    decode_runs: dict = {src: [] for src in sources}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    if decoder.device.type == "cuda":
+        decode_ms(decoder, shipped[next(iter(sources))][:2])  # CUDA context and nvjpeg start-up
     for _ in range(opts.repeats):
         for src, pattern in sources.items():
             for i, variant in enumerate(variants):
                 ms[src, i].append(1000 / cpu_rate(worker_loader(opts, pattern, variant, tokenizer, preprocess)))
+            decode_runs[src].append(decode_ms(decoder, shipped[src]))
     torch.set_num_threads(threads)
+    decode_rows = [{"source": src, "device": decoder.device.type, "ms": statistics.median(decode_runs[src])}
+                   for src in sources]
     rows = []
     for src in sources:
         ref = statistics.median(ms[src, len(variants) - 1])
@@ -258,7 +291,7 @@ def bench_worker_cpu(opts) -> list[dict]:
             value = statistics.median(ms[src, i])
             rows.append({"source": src, "pipeline": variant[0] if variant else "open_clip reference "
                          "(image_transform + tokenizer)", "ms": value, "vs_ref": value / ref})
-    return rows
+    return rows, decode_rows
 
 
 def bench_step(opts, pattern: str) -> dict:
@@ -267,10 +300,12 @@ def bench_step(opts, pattern: str) -> dict:
     from training.train import train_step
     from training.trainer import Trainer
 
+    gpu = opts.step_device == "cuda"
     argv = ["--model", opts.student, "--dataset-type", "webdataset", "--train-data", pattern,
             "--train-num-samples", str(opts.num_images), "--batch-size", str(opts.step_batch_size),
-            "--workers", str(opts.step_workers), "--logs", "", "--device", "cpu", "--precision", "fp32",
-            "--warmup", "1", "--distill", opts.distill]
+            "--workers", str(opts.step_workers), "--logs", "", "--device", opts.step_device, "--precision",
+            "amp_bf16" if gpu else "fp32", "--warmup", "1", "--distill", opts.distill,
+            "--decode-device", opts.step_decode_device]
     if opts.teacher:
         argv += ["--teacher", opts.teacher]
     trainer = Trainer(parse_config(argv), distributed.init_distributed("cpu"))
@@ -284,8 +319,10 @@ def bench_step(opts, pattern: str) -> dict:
         batch = next(it)
         t1 = time.perf_counter()
         trainer.schedule(trainer.step)
-        train_step(trainer, batch)
+        train_step(trainer, trainer.decoder(batch) if trainer.decoder else batch)
         trainer.step += 1
+        if gpu:
+            torch.cuda.synchronize()
         t2 = time.perf_counter()
         if i >= 2:  # the first batches include worker start-up and shuffle-buffer fill
             waits.append(t1 - t0)
@@ -293,7 +330,7 @@ def bench_step(opts, pattern: str) -> dict:
     wait, step = statistics.mean(waits), statistics.mean(steps)
     return {"model": f"{opts.student}" + (f" + {opts.teacher}" if opts.teacher else ""), "batch": opts.step_batch_size,
             "workers": opts.step_workers, "step_ms": 1000 * step, "wait_ms": 1000 * wait,
-            "fraction": wait / (wait + step), "steps": len(steps)}
+            "fraction": wait / (wait + step), "steps": len(steps), "samples_per_s": opts.step_batch_size / (wait + step)}
 
 
 def main() -> None:
@@ -311,9 +348,14 @@ def main() -> None:
     p.add_argument("--step-batch-size", type=int, default=32)
     p.add_argument("--step-workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--step-device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--step-decode-device", default="workers", choices=["workers", "cpu", "cuda"],
+                   help="the training step's --decode-device")
     p.add_argument("--skip-step", action="store_true", help="only the pipeline table")
     p.add_argument("--skip-pipelines", action="store_true", help="only the training-step table")
     p.add_argument("--skip-worker-cpu", action="store_true", help="no CPU-ms-per-sample table")
+    p.add_argument("--decode-device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the trainer-side decode of the device-side augmentation rows is timed")
     opts = p.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - opts.step_workers))
@@ -336,14 +378,28 @@ def main() -> None:
     if not opts.skip_worker_cpu:
         print("\n| source | worker pipeline (224 px train view + tokens) | CPU-ms per sample | vs open_clip |")
         print("|---|---|---:|---:|")
-        for row in bench_worker_cpu(opts):
+        rows, decode_rows = bench_worker_cpu(opts)
+        for row in rows:
             print(f"| {row['source']} | {row['pipeline']} | {row['ms']:.2f} | {row['vs_ref']:.2f}x |")
+        clock = "wall" if opts.decode_device == "cuda" else "CPU"
+        print(f"\n| source | trainer-side decode + crop (BatchDecoder, batch {opts.batch_size}) | device | "
+              f"{clock}-ms per sample |")
+        print("|---|---|---|---:|")
+        for row in decode_rows:
+            print(f"| {row['source']} | decode_jpeg + resized_crop + flip | {row['device']} | {row['ms']:.2f} |")
     if not opts.skip_step:
+        from training.tokenizers import same_tokenizer
+
+        if not same_tokenizer(open_clip.get_tokenizer(opts.student), open_clip.get_tokenizer(TOKENIZER)):
+            # the shards' stored token ids are the CLIP tokenizer's: the student's own for its step
+            pattern = make_dataset(f"{opts.data_dir}-{opts.student}", opts.num_images, opts.source_size,
+                                   tokenize=opts.student)[1]
         r = bench_step(opts, pattern)
-        print("\n| training step (CPU) | batch | workers | step ms | data wait ms | data fraction |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"\n| training step ({opts.step_device}, --decode-device {opts.step_decode_device}) | batch | workers | "
+              "step ms | data wait ms | data fraction | samples/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         print(f"| {r['model']} | {r['batch']} | {r['workers']} | {r['step_ms']:.1f} | {r['wait_ms']:.1f} | "
-              f"{100 * r['fraction']:.1f}% |")
+              f"{100 * r['fraction']:.1f}% | {r['samples_per_s']:.1f} |")
 
 
 if __name__ == "__main__":
