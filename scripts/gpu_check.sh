@@ -80,14 +80,16 @@ echo "[4/5] peers: open_clip_train --distill vs ours online (eager and --teacher
     --batch-size "${BATCH:-256}" --steps 25 --skip 10 --rounds 2 --threads "$OMP_NUM_THREADS" --teacher-compile \
     --no-cache 2>&1 | tee "$OUT/peers_amp_bf16_compile.txt"
 
-echo "[5/5] device-side augmentation: decode ms per sample on the GPU, then KD steps fed by workers vs --decode-device cuda"
+echo "[5/5] device-side augmentation: nvjpeg vs CPU pixels, decode ms per sample on the GPU, then KD steps fed by workers vs --decode-device cuda"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_data_device.py -k "decode" 2>&1 | tee "$OUT/decode_device.txt"
+status=$(( status || PIPESTATUS[0] ))
 "$PY" benchmarks/dataloader.py --skip-pipelines --skip-step --num-images 240 --repeats 1 --decode-device cuda \
-    --data-dir "${TMPDIR:-/tmp}/clip-kd-decode-240" 2>&1 | tee "$OUT/decode_device.txt"
+    --data-dir "${TMPDIR:-/tmp}/clip-kd-decode-240" 2>&1 | tee -a "$OUT/decode_device.txt"
 for decode in workers cuda; do
     "$PY" benchmarks/dataloader.py --skip-pipelines --skip-worker-cpu --num-images 3000 \
         --data-dir "${TMPDIR:-/tmp}/clip-kd-decode-3000" \
         --student ViT-T-16 --teacher ViT-B-16 --step-device cuda --step-decode-device "$decode" --steps 8 \
         --step-batch-size "${BATCH:-256}" --step-workers 8 2>&1 | tail -3 | tee -a "$OUT/decode_device.txt"
 done
-echo "results in $OUT (matrix exit code $status)"
+echo "results in $OUT (exit code $status: the matrix's and the decode tests')"
 exit "$status"

@@ -234,3 +234,22 @@ def test_trainer_side_decode_blanks_and_counts_an_undecodable_source():
     assert out["skipped"] == {BLANKED: 1} and not out["image"][1].any()
     reference = render_pixels(good, ViewParams.from_tuple(batch["view"][0].tolist()), FMT).float()
     assert (out["image"][0].float() - reference).abs().mean() < 2.0  # the other samples decode as usual
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs a CUDA device")
+def test_cuda_decode_renders_the_cpu_decode_pixels():
+    """--decode-device cuda (nvjpeg, batched; the PNG falls back to the CPU) renders what the CPU decoder does,
+    within a grey level or so, and what the workers render within the tolerance above (scripts/gpu_check.sh)."""
+    student, teacher = FMT, ImageFormat(96, (0.5,) * 3, (0.25,) * 3)
+    views = PairedViews(student, teacher, train=True, scale=(0.35, 1.0), flip_prob=0.5, encoded=True)
+    sources = _sources()
+    batch = collate([views(s, rng=sample_rng(0, 0, f"row/{i}")) for i, s in enumerate(sources)])
+    on_gpu = BatchDecoder(student, teacher, torch.device("cuda"))(batch)
+    on_cpu = BatchDecoder(student, teacher, torch.device("cpu"))(batch)
+    workers = collate([PairedViews(student, teacher, train=True, scale=(0.35, 1.0), flip_prob=0.5)(
+        s, rng=sample_rng(0, 0, f"row/{i}")) for i, s in enumerate(sources)])
+    for name in ("image", "teacher_image"):
+        gpu = on_gpu[name]
+        assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8 and gpu.shape == on_cpu[name].shape
+        assert (gpu.cpu().float() - on_cpu[name].float()).abs().mean((1, 2, 3)).max() < 1.5
+        assert (gpu.cpu().float() - workers[name].float()).abs().mean((1, 2, 3)).max() < 2.0
