@@ -78,6 +78,7 @@ class BatchDecoder:
         self.student = student
         self.teacher = teacher if teacher is not None and not same_pixels(teacher, student) else None
         self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._said: set[str] = set()
 
     def _once(self, what: str, message: str, *args) -> None:
@@ -85,13 +86,28 @@ class BatchDecoder:
             self._said.add(what)
             log.warning(message, *args)
 
+    def _decode_jpeg(self, data):
+        """decode_jpeg on the device (a tensor or a list). On CUDA with a stream of its own current: torchvision's
+        nvjpeg path allocates its outputs on the current stream and writes them from another without waiting for it
+        (pytorch/vision#9606), so on the training stream it could be handed, and overwrite, a block that kernels
+        queued there still read. A decode-only stream's blocks have no queued readers; `record_stream` keeps the
+        training stream's later reads of the outputs safe when they are freed."""
+        if self._stream is None:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        main.wait_stream(self._stream)
+        for image in out if isinstance(out, list) else [out]:
+            image.record_stream(main)
+        return out
+
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Each source as uint8 RGB [3, H, W] on the device (None: undecodable)."""
         out: list[torch.Tensor | None] = [None] * len(encoded)
         jpegs = [i for i, data in enumerate(encoded) if _is_jpeg(data)]
         try:
-            decoded = decode_jpeg([encoded[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device) \
-                if jpegs else []
+            decoded = self._decode_jpeg([encoded[i] for i in jpegs]) if jpegs else []
             for i, image in zip(jpegs, decoded):
                 out[i] = image
         except RuntimeError:  # one source spoils the batched call: find it by decoding one at a time
@@ -105,7 +121,7 @@ class BatchDecoder:
     def _decode_one(self, data: torch.Tensor, jpeg: bool) -> torch.Tensor | None:
         if jpeg and self.device.type != "cpu":
             try:
-                return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                return self._decode_jpeg(data)
             except RuntimeError:
                 self._once("refused", "--decode-device %s: a JPEG the device decoder refuses is decoded on the "
                            "CPU", self.device.type)
