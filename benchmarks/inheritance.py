@@ -62,10 +62,11 @@ def main() -> None:
     world, _, budget = prepare_teacher(opts.out, opts.threads)  # the quickstart's world (its teacher is another arch)
     teacher_file = os.path.join(opts.out, "inheritance-teacher.pt")
     if not os.path.isfile(teacher_file):  # a ViT teacher the ViT students can inherit from
-        export_student(train(opts.out, "inherit-teacher", TEACHER, world, budget.teacher_epochs,
+        # 2e-3, not the quickstart's convolutional teacher's 5e-3: a ViT trained from scratch wants the lower rate
+        export_student(train(opts.out, "inherit-teacher", TEACHER, world, budget.teacher_epochs, 2e-3,
                              ["--distill", "task=1"], opts.threads), teacher_file, TEACHER)
     seed, student = budget.seed, opts.student
-    flags = ["--teacher", TEACHER, "--teacher-pretrained", teacher_file, "--recipe", opts.recipe, "--lr", f"{opts.lr:g}"]
+    flags = ["--teacher", TEACHER, "--teacher-pretrained", teacher_file, "--recipe", opts.recipe]
     folder = os.path.join(opts.out, "inheritance")
     os.makedirs(folder, exist_ok=True)
 
@@ -77,8 +78,8 @@ def main() -> None:
         start_file = os.path.join(folder, f"{student}-{name}_step0.pt")
         torch_save(initial_student(student, source, seed, opts.inherit_layers), start_file)
         rows.append((f"{student}, {label}", "step 0", evaluate(student, start_file, world)))
-        ckpt = train(opts.out, f"inherit-{student}-{name}", student, world, opts.student_epochs, [*flags, *extra],
-                     opts.threads)
+        ckpt = train(opts.out, f"inherit-{student}-{name}", student, world, opts.student_epochs, opts.lr,
+                     [*flags, *extra], opts.threads)
         rows.append((f"{student}, {label}", f"{opts.student_epochs} epochs", evaluate(student, ckpt, world)))
 
     print(f"\n{TEACHER} -> {student}, --recipe {opts.recipe}, --lr {opts.lr:g}, {opts.student_epochs} epochs of "

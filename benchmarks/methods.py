@@ -62,8 +62,9 @@ def main() -> None:
     for label, key, extra, kd in runs:
         for seed in seeds:
             name = f"methods-{key}-s{seed}"
-            ckpt = train(opts.out, name, STUDENT, world, epochs, [*(kd_flags(teacher_file) if kd else []), *extra],
-                         budget.threads, data=world.distill_csv, seed=seed)
+            ckpt = train(opts.out, name, STUDENT, world, epochs, budget.student_lr,
+                         [*(kd_flags(teacher_file) if kd else []), *extra], budget.threads, data=world.distill_csv,
+                         seed=seed)
             results.setdefault(label, []).append(evaluate(STUDENT, ckpt, world))
     base = results["no KD (baseline)"]
     print(f"\n{TEACHER} -> {STUDENT}, {epochs} epochs of the {world.num_distill}-pair distillation set, seeds "
