@@ -209,3 +209,35 @@ def test_trainer_prepares_the_teacher_after_the_student_inherits_fp32_weights():
     a, b = fp32.student.state_dict(), amp.student.state_dict()
     for k in a:  # the inherited init is the fp32 teacher's, not its bf16 copy
         assert torch.equal(a[k], b[k]), k
+
+
+def test_trained_steps_leave_the_teacher_untouched_and_out_of_the_optimizer():
+    trainer = _trainer("fp32")
+    teacher_params = {id(p) for p in trainer.teacher.parameters()}
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized and not optimized & teacher_params
+    before = copy.deepcopy(trainer.teacher.state_dict())
+    trainer.run(max_steps=2)
+    assert trainer.step == 2
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    after = trainer.teacher.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16"])
+def test_teacher_matmuls_never_copy_a_weight_per_position(precision):
+    # torch's matmul folds nn.MultiheadAttention's transposed activations into one mm only against weights that
+    # require grad; against frozen ones it expands the weight into a bmm of one copy per position (models/teacher.py)
+    from torch.profiler import ProfilerActivity, profile
+
+    _, teacher_model = _models()
+    teacher = Teacher([teacher_model])
+    teacher.prepare(teacher_dtype(precision, CPU))
+    weights = {tuple(p.shape[::-1]) for p in teacher.parameters() if p.ndim == 2}  # (in, out) of each matmul weight
+    image, _, tokens = _batch()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        teacher(image, tokens)
+    bmm_operands = [e.input_shapes[1] for e in prof.events() if e.name == "aten::bmm"]
+    assert [s for s in bmm_operands if len(s) == 3 and tuple(s[1:]) in weights] == []
+    linears = sum(isinstance(m, torch.nn.Linear) for m in teacher.modules())
+    assert sum(e.name in ("aten::mm", "aten::addmm") for e in prof.events()) >= linears > 0
