@@ -4,7 +4,11 @@
     python benchmarks/teacher_forward.py --device cuda --precision amp --batch-size 256 --compile
 
 Medians of the teacher's forward on one batch, in the student's autocast of --precision:
-  before        fp32 weights, no_grad, both towers (the teacher as it was: autocast casts every weight per forward)
+  before        fp32 frozen weights (requires_grad False), no_grad, both towers: the teacher as it was, where autocast
+                casts every weight per forward and matmul runs attention in-projections as a bmm on per-position
+                copies of the weight (see models/teacher.py)
+  open_clip_train  fp32 weights left requiring grad, no_grad, both towers: open_clip_train's --distill teacher
+                (autocast caches its weight casts; matmul folds the in-projections)
   low precision the weights kept in teacher_dtype(--precision), inference_mode (Teacher.prepare)
   + compile     the same, torch.compile'd with static shapes (--compile; compile time reported apart)
   image only    low precision, with only the image tower run (a spec whose terms read no teacher text, e.g. emb)
@@ -53,9 +57,11 @@ def main() -> None:
     text = torch.randint(1, 1000, (opts.batch_size, member.context_length), device=device)
 
     dtype = teacher_dtype(opts.precision, device)
-    variants = {"before": Teacher([copy.deepcopy(member)])}
-    if precision.low_precision_weights:  # --precision bf16: the teacher was already cast whole
-        variants["before"].to(precision.low_precision_weights)
+    variants = {"before": Teacher([copy.deepcopy(member)]), "open_clip_train": Teacher([copy.deepcopy(member)])}
+    variants["before"].requires_grad_(False)
+    for name in ("before", "open_clip_train"):
+        if precision.low_precision_weights:  # --precision bf16: the teacher was already cast whole
+            variants[name].to(precision.low_precision_weights)
     fast = Teacher([copy.deepcopy(member)])
     fast.prepare(dtype)
     variants["low precision"] = fast
@@ -78,7 +84,7 @@ def main() -> None:
         sync(device)
         start = time.perf_counter()
         with precision.autocast():
-            if name == "before":
+            if name in ("before", "open_clip_train"):
                 with torch.no_grad():
                     teacher.members[0].encode_image(image)
                     teacher.members[0].encode_text(text)
