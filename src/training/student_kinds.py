@@ -249,7 +249,7 @@ def _image_prepare(trainer) -> None:
         return
     names, templates = prompts
     head = build_classifier(model, bundle.tokenizer, names, templates, trainer.env.device)
-    trainer.student.set_class_head(head, names, float(model.logit_scale.exp()))
+    trainer.student.set_class_head(head, names, float(model.logit_scale.detach().exp()))
     logging.info("zero-shot head: %d classes x %d prompts embedded by the teacher's text tower, saved with the "
                  "student", len(names), len(templates))
 
@@ -269,7 +269,7 @@ def _classifier_prepare(trainer) -> None:
     if trainer.loss_fn.teacher_head == "text":
         templates = _folder_templates(trainer.config) or list(OPENAI_IMAGENET_TEMPLATES)
         head = build_classifier(model, bundle.tokenizer, names, templates, device)
-        trainer.loss_fn.set_teacher_head(float(model.logit_scale.exp()) * head)
+        trainer.loss_fn.set_teacher_head(float(model.logit_scale.detach().exp()) * head)
         logging.info("teacher head: zero-shot over %d classes x %d prompts", len(names), len(templates))
         return
     from .data.imagefolder import read_image_folders

@@ -78,7 +78,7 @@ class Teacher(nn.Module):
     @property
     def logit_biases(self) -> list[float | None]:
         """Each member's logit bias (SigLIP teachers), None for a member without one (CLIP)."""
-        return [None if getattr(m, "logit_bias", None) is None else float(m.logit_bias) for m in self.members]
+        return [None if getattr(m, "logit_bias", None) is None else float(m.logit_bias.detach()) for m in self.members]
 
     def set_intermediate_layers(self, layers: dict[str, list[int]], member: int = 0) -> None:
         """Ask `member` for these layers' tokens ({"image": [...], "text": [...]}) on every forward (feat term)."""

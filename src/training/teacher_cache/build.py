@@ -235,10 +235,10 @@ def teacher_entries(config: TeacherConfig, teacher, bundle) -> list[dict]:
         out.append({"name": name, "arch": member.arch_name, "pretrained": w,
                     "weights_sha256": weights_sha256(member), "file_sha256": file_sha256(w) if local else None,
                     "embed_dim": int(teacher.embed_dims[len(out)]),
-                    "logit_scale": float(member.logit_scale.exp().float()),
+                    "logit_scale": float(member.logit_scale.detach().exp().float()),
                     "context_length": int(bundle.context_length), "tokenizer": type(bundle.tokenizer).__name__})
         if getattr(member, "logit_bias", None) is not None:  # a SigLIP teacher: the sigmoid terms need its bias
-            out[-1]["logit_bias"] = float(member.logit_bias.float())
+            out[-1]["logit_bias"] = float(member.logit_bias.detach().float())
     return out
 
 
