@@ -82,6 +82,7 @@ def _worker(rank: int, world: int, root: str):
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
     try:
         result = run_suite(root)
+        dist.barrier()  # no rank tears gloo down while its peer is still in the suite's last collective
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(root, f"result.{rank}.pt"))
