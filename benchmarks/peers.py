@@ -4,7 +4,7 @@
     python benchmarks/peers.py --precision amp_bf16 --rounds 3 --steps 8
     python benchmarks/peers.py --device cuda --precision amp_bf16 --batch-size 256 --teacher-compile
 
-Three runs of the same pair, batch, precision, thread count and synthetic data, interleaved over --rounds rounds
+Runs of the same pair, batch, precision, thread count and synthetic data, interleaved over --rounds rounds
 (so machine noise hits all of them alike), each a separate process started through its real command line:
   open_clip_train  python -m open_clip_train.main --distill-model T --distill-pretrained FILE --dataset-type synthetic
                    (its DistillClipLoss: CLIP loss + soft-target cross-entropy to the teacher's logits)
@@ -12,6 +12,8 @@ Three runs of the same pair, batch, precision, thread count and synthetic data, 
                    --dataset-type synthetic, the live frozen teacher
   ours cached      the same with --teacher-cache DIR (a teacher-embedding cache built once by
                    python -m training.cache_teacher over a CSV of noise images; no teacher runs)
+  student alone    open_clip_train without --distill: the student's own CLIP step, the floor of any cached KD
+                   step (so open_clip_train online / student alone bounds what a cache can gain; --no-floor skips it)
 
 Step time comes from each tool's own per-step log line, never from process wall time: open_clip_train's
 "Data (t) / Batch (t)" and our "data_time / batch_time" (both with --log-every-n-steps 1: the time of that one step,
@@ -24,6 +26,7 @@ open_clip_train / ours cached, per round and over all rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -57,9 +60,30 @@ def common_env(opts) -> dict:
     return env
 
 
-def open_clip_cmd(opts, folder: str, weights: str, name: str) -> list[str]:
-    return [sys.executable, "-m", "open_clip_train.main", "--model", opts.student, "--distill-model", opts.teacher,
-            "--distill-pretrained", weights, "--dataset-type", "synthetic", "--train-num-samples",
+def open_clip_model(name: str, folder: str) -> str:
+    """The --model open_clip_train is given: the name, or for an architecture open_clip does not ship (ViT-T-16,
+    this project's configs) a `local-dir:` folder holding its config (random weights, as in every run here)."""
+    import open_clip
+
+    if name in open_clip.list_models():
+        return name
+    import training  # noqa: F401  (registers this project's model configs with open_clip)
+
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise SystemExit(f"unknown model {name!r}: neither open_clip nor this project has its config")
+    local = os.path.join(folder, "open_clip_models", name)
+    os.makedirs(local, exist_ok=True)
+    with open(os.path.join(local, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": config}, f)
+    return f"local-dir:{local}"
+
+
+def open_clip_cmd(opts, folder: str, weights: str | None, name: str) -> list[str]:
+    """open_clip_train distilling from the teacher in `weights`; without weights, the student's CLIP step alone."""
+    distill = ["--distill-model", opts.teacher, "--distill-pretrained", weights] if weights else []
+    return [sys.executable, "-m", "open_clip_train.main", "--model", opts.open_clip_student, *distill,
+            "--dataset-type", "synthetic", "--train-num-samples",
             str(opts.batch_size * opts.steps), "--batch-size", str(opts.batch_size), "--epochs", "1", "--workers",
             "0", "--lr", "1e-4", "--warmup", "1", "--precision", opts.precision, "--device", opts.device,
             "--log-every-n-steps", "1", "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
@@ -121,11 +145,13 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224, help="the CSV images of the cached run")
     p.add_argument("--teacher-compile", action="store_true", help="our online run with --teacher-compile")
     p.add_argument("--no-cache", action="store_true", help="skip the cached run")
+    p.add_argument("--no-floor", action="store_true", help="skip open_clip_train's student-alone run")
     opts = p.parse_args()
 
     env = common_env(opts)
     with tempfile.TemporaryDirectory(prefix="peers-") as folder:
         weights = save_teacher(opts, folder)
+        opts.open_clip_student = open_clip_model(opts.student, folder)
         cached = None if opts.no_cache else build_cache(opts, folder, weights, env)
         runs = {"open_clip_train": lambda r: run_steps(open_clip_cmd(opts, folder, weights, f"oc{r}"),
                                                        OPEN_CLIP_STEP, env, opts.skip),
@@ -134,6 +160,9 @@ def main() -> None:
         if cached:
             runs["ours cached"] = lambda r: run_steps(our_cmd(opts, folder, weights, f"ca{r}", cached[1],
                                                               cached[0]), OUR_STEP, env, opts.skip)
+        if not opts.no_floor:
+            runs["student alone"] = lambda r: run_steps(open_clip_cmd(opts, folder, None, f"st{r}"),
+                                                        OPEN_CLIP_STEP, env, opts.skip)
         steps: dict[str, list[float]] = {k: [] for k in runs}
         print(f"{opts.teacher} -> {opts.student}, batch {opts.batch_size}, {opts.precision}, {opts.device}, "
               f"{opts.threads} threads, {opts.rounds} rounds x {opts.steps - opts.skip} timed steps per run; "
@@ -148,6 +177,9 @@ def main() -> None:
             ratio = medians["ours online"] / medians["open_clip_train"]
             extra = (f", open_clip_train / ours cached {medians['open_clip_train'] / medians['ours cached']:.2f}x"
                      if cached else "")
+            if "student alone" in medians:
+                ceiling = medians["open_clip_train"] / medians["student alone"]
+                extra += f", open_clip_train / student alone {ceiling:.2f}x (the most a cache could gain)"
             print(f"round {r}: {line}  | ours online / open_clip_train {ratio:.2f}{extra}", flush=True)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         print("\n| run | median step (ms) | vs open_clip_train online |")
