@@ -67,6 +67,7 @@ def open_clip_model(name: str, folder: str) -> str:
 
     if name in open_clip.list_models():
         return name
+    sys.path.insert(0, SRC)
     import training  # noqa: F401  (registers this project's model configs with open_clip)
 
     config = open_clip.get_model_config(name)
@@ -79,10 +80,11 @@ def open_clip_model(name: str, folder: str) -> str:
     return f"local-dir:{local}"
 
 
-def open_clip_cmd(opts, folder: str, weights: str | None, name: str) -> list[str]:
-    """open_clip_train distilling from the teacher in `weights`; without weights, the student's CLIP step alone."""
+def open_clip_cmd(opts, folder: str, model: str, weights: str | None, name: str) -> list[str]:
+    """open_clip_train training `model` (open_clip_model's answer) with the teacher in `weights` distilled into it;
+    without weights, the student's CLIP step alone."""
     distill = ["--distill-model", opts.teacher, "--distill-pretrained", weights] if weights else []
-    return [sys.executable, "-m", "open_clip_train.main", "--model", opts.open_clip_student, *distill,
+    return [sys.executable, "-m", "open_clip_train.main", "--model", model, *distill,
             "--dataset-type", "synthetic", "--train-num-samples",
             str(opts.batch_size * opts.steps), "--batch-size", str(opts.batch_size), "--epochs", "1", "--workers",
             "0", "--lr", "1e-4", "--warmup", "1", "--precision", opts.precision, "--device", opts.device,
@@ -151,9 +153,9 @@ def main() -> None:
     env = common_env(opts)
     with tempfile.TemporaryDirectory(prefix="peers-") as folder:
         weights = save_teacher(opts, folder)
-        opts.open_clip_student = open_clip_model(opts.student, folder)
+        student = open_clip_model(opts.student, folder)
         cached = None if opts.no_cache else build_cache(opts, folder, weights, env)
-        runs = {"open_clip_train": lambda r: run_steps(open_clip_cmd(opts, folder, weights, f"oc{r}"),
+        runs = {"open_clip_train": lambda r: run_steps(open_clip_cmd(opts, folder, student, weights, f"oc{r}"),
                                                        OPEN_CLIP_STEP, env, opts.skip),
                 "ours online": lambda r: run_steps(our_cmd(opts, folder, weights, f"on{r}"), OUR_STEP, env,
                                                    opts.skip)}
@@ -161,7 +163,7 @@ def main() -> None:
             runs["ours cached"] = lambda r: run_steps(our_cmd(opts, folder, weights, f"ca{r}", cached[1],
                                                               cached[0]), OUR_STEP, env, opts.skip)
         if not opts.no_floor:
-            runs["student alone"] = lambda r: run_steps(open_clip_cmd(opts, folder, None, f"st{r}"),
+            runs["student alone"] = lambda r: run_steps(open_clip_cmd(opts, folder, student, None, f"st{r}"),
                                                         OPEN_CLIP_STEP, env, opts.skip)
         steps: dict[str, list[float]] = {k: [] for k in runs}
         print(f"{opts.teacher} -> {opts.student}, batch {opts.batch_size}, {opts.precision}, {opts.device}, "
