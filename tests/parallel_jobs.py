@@ -4,7 +4,9 @@ A job builds the trainer from CLI flags (training.trainer.Trainer), optionally r
 real loop (Trainer.run) to a mid step and on to a final step, and rank 0 records: the first
 step's full student and loss-side gradients (taken between backward and optimizer step, whatever the engine), every
 logged loss, the state right after resuming, and the mid and final checkpoints (Trainer.state_dict: the canonical
-format). Running many jobs in one spawn keeps the test time down (imports and process-group set-up happen once).
+format). The mid checkpoint is also written alone, for the jobs that resume from it. A job may keep fewer parts of each
+state (`record_parts`) and skip the gradients (`record_grads`): the whole matrix would otherwise write gigabytes.
+Running many jobs in one spawn keeps the test time down (imports and process-group set-up happen once).
 """
 
 from __future__ import annotations
@@ -49,11 +51,14 @@ def run_job(env, job: dict, out_dir: str) -> None:
         distributed.barrier()
         return
     record: dict = {"losses": [], "grads": None}
+    parts = job.get("record_parts")
 
     def save(filename: str) -> None:
         state = trainer.state_dict()  # collective
         if env.is_master:  # a deep copy: the DDP state_dict holds references to live tensors
-            record[filename] = copy.deepcopy(state)
+            if filename == "mid":
+                torch.save(state, os.path.join(out_dir, f"{job['name']}.mid.ckpt"))
+            record[filename] = copy.deepcopy({k: v for k, v in state.items() if parts is None or k in parts})
 
     if job.get("resume"):
         state = load_checkpoint(job["resume"])
@@ -64,7 +69,7 @@ def run_job(env, job: dict, out_dir: str) -> None:
     real_step = engine.step
 
     def step() -> None:  # the first step's gradients, between backward and update
-        if record["grads"] is None:
+        if record["grads"] is None and job.get("record_grads", True):
             grads = engine.full_grads()
             grads.update({f"loss.{n}": p.grad.detach().clone() for n, p in trainer.loss_fn.named_parameters()
                           if p.grad is not None})
@@ -97,7 +102,4 @@ def run_job(env, job: dict, out_dir: str) -> None:
         record["embeddings"] = (student.encode_image(image).float().cpu(), student.encode_text(text).float().cpu())
     if env.is_master:
         torch.save(record, os.path.join(out_dir, f"{job['name']}.pt"))
-        for key in ("mid", "final"):
-            if key in record:
-                torch.save(record[key], os.path.join(out_dir, f"{job['name']}.{key}.ckpt"))
     distributed.barrier()

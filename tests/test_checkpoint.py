@@ -13,8 +13,8 @@ from training.main import main
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return small_world(tmp_path_factory.mktemp("ckpt"))
+def world(module_tmp_path):
+    return small_world(module_tmp_path)
 
 
 _argv = small_run_argv

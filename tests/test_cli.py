@@ -20,8 +20,8 @@ def _run(*args):
 
 
 @pytest.fixture(scope="module")
-def csv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
+def csv(module_tmp_path):
+    root = module_tmp_path
     (root / "bad.json").write_text('{"embed_dim": 64, "vision_cfg": {')
     return write_image_csv(str(root), n=8), str(root)
 

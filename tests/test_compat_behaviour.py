@@ -24,8 +24,8 @@ from training.scheduler import LRSchedule
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return small_world(tmp_path_factory.mktemp("compat"))
+def world(module_tmp_path):
+    return small_world(module_tmp_path)
 
 
 _argv = small_run_argv

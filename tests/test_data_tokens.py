@@ -43,8 +43,8 @@ def _loader(pattern, tokenizer, **extra):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokens")
+def shards(module_tmp_path):
+    root = module_tmp_path
     csv = write_image_csv(str(root / "data"), n=12)
     out = str(root / "shards")
     assert main([csv, "--data-root", str(root / "data"), "--out", out, "--samples-per-shard", "12", "--workers", "0",

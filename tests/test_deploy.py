@@ -23,9 +23,9 @@ needs_onnx = pytest.mark.skipif(onnx_missing is not None, reason=onnx_missing or
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(module_tmp_path):
     """An image-only student trained through the CLI, with its zero-shot head, and its data."""
-    root = tmp_path_factory.mktemp("deploy")
+    root = module_tmp_path
     lab, unl = class_folder(root / "lab"), loose_folder(root / "unl")
     logs = str(root / "logs")
     assert train_main(["--student-kind", "image", *COMMON, "--train-data", f"{lab},{unl}", "--zeroshot-data", lab,

@@ -17,8 +17,8 @@ from training.eval.cli import main
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
+def data(module_tmp_path):
+    root = module_tmp_path
     names = ["red square", "blue circle"]
     write_folder(root / "demo" / "train", names, [(0, 0), (1, 1)] * 3, templates=None)
     write_folder(root / "demo" / "test", names, [(0, 0), (1, 1), (1, 0)])

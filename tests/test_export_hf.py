@@ -48,9 +48,9 @@ assert "training" not in sys.modules, "open_clip imported training"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(module_tmp_path):
     """A tiny student distilled for 2 steps through the training CLI, and a real evaluation of it."""
-    root = tmp_path_factory.mktemp("hf")
+    root = module_tmp_path
     csv = write_image_csv(str(root / "data"), n=8, size=64)
     torch.manual_seed(11)
     teacher = str(root / "teacher.pt")

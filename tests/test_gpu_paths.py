@@ -27,8 +27,8 @@ from training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return kd_world(tmp_path_factory.mktemp("gpu_paths"))
+def world(module_tmp_path):
+    return kd_world(module_tmp_path)
 
 
 def argv(world, name="", *extra, batch_size=8, model="tiny-student", epochs=2):

@@ -35,11 +35,11 @@ def _horovod_problem() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(module_tmp_path):
     problem = _horovod_problem()
     if problem:
         pytest.skip(problem)
-    return kd_world(tmp_path_factory.mktemp("horovod"))
+    return kd_world(module_tmp_path)
 
 
 def _argv(world, name, *extra, batch_size):

@@ -151,8 +151,8 @@ def test_other_families_are_refused_in_one_line():
 # ---- the real CLI ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return kd_world(tmp_path_factory.mktemp("inherit"), n=16)
+def world(module_tmp_path):
+    return kd_world(module_tmp_path, n=16)
 
 
 def _argv(world, name, *extra):

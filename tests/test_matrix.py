@@ -13,6 +13,7 @@ import importlib.util
 import itertools
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -36,6 +37,7 @@ CORE = [(e, p, "online", 1) for e in ENGINES for p in ("amp", "bf16")] + [
     ("ddp", "amp_bf16", "cached", 2), ("fsdp", "amp", "cached", 2), ("zero2", "bf16", "cached", 2),
     ("single", "fp32", "cached", 2), ("horovod", "amp_bf16", "cached", 1), ("zero3", "fp32", "online", 2)]
 ALL = list(itertools.product(ENGINES, PRECISIONS, TEACHERS, ACCUM))
+RECORD_PARTS = ("step", "model", "loss", "scaler")  # what check_combo reads of each state
 
 
 def combo_name(combo) -> str:
@@ -43,8 +45,8 @@ def combo_name(combo) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = kd_world(tmp_path_factory.mktemp("matrix"), n=16)
+def world(module_tmp_path):
+    w = kd_world(module_tmp_path, n=16)
     root, csv, teacher = w["root"], w["csv"], w["teacher"]
     for stage in (2, 3):
         with open(root / f"zero{stage}.json", "w") as f:
@@ -71,34 +73,34 @@ def combo_argv(world, engine, precision, teacher, accum, device="cpu") -> list[s
 
 
 def run_matrix(world, combos, out_dir, device="cpu", extra=()):
-    """Straight 2-step jobs (checkpoint after step 1), then jobs that resume each from its step-1 checkpoint.
-    On CUDA (one GPU) every engine runs as one process, with NCCL."""
+    """Straight 2-step jobs (checkpoint after step 1), then jobs that resume each from its step-1 checkpoint, one
+    engine at a time (its files are removed once read: the whole matrix at once would write gigabytes). On CPU the
+    engines other than `single` run as 2 gloo processes; on CUDA (one GPU) every engine runs as one process, NCCL."""
     from parallel_jobs import run_jobs
 
-    os.makedirs(out_dir, exist_ok=True)
     records = {}
-    groups = ((1, ENGINES),) if device == "cuda" else ((1, ("single",)), (2, ENGINES[1:]))
-    for nprocs, engines in groups:
-        mine = [c for c in combos if c[0] in engines and (HAS_DEEPSPEED or not c[0].startswith("zero"))]
+    for engine in ENGINES:
+        mine = [c for c in combos if c[0] == engine and (HAS_DEEPSPEED or not engine.startswith("zero"))]
         if not mine:
             continue
-        jobs = []
+        nprocs = 1 if device == "cuda" or engine == "single" else 2
+        engine_dir = os.path.join(out_dir, engine)
+        os.makedirs(engine_dir)
+        jobs = [dict(argv=combo_argv(world, *combo, device=device) + list(extra), mid=1, steps=2,
+                     sys_path=FAKE_HOROVOD if engine == "horovod" else None, record_parts=RECORD_PARTS,
+                     record_grads=False, name=combo_name(combo)) for combo in mine]
+        mp.spawn(run_jobs, args=(nprocs, free_port(), jobs, engine_dir, device), nprocs=nprocs, join=True)
+        for combo, job in zip(mine, jobs):
+            records[combo] = {"straight": _load(engine_dir, job["name"])}
+        resumes = [dict(job, name=f"{job['name']}.resumed", resume=os.path.join(engine_dir, f"{job['name']}.mid.ckpt"))
+                   for combo, job in zip(mine, jobs) if "refused" not in records[combo]["straight"]]  # what ran
+        if resumes:
+            mp.spawn(run_jobs, args=(nprocs, free_port(), resumes, engine_dir, device), nprocs=nprocs, join=True)
         for combo in mine:
-            base = dict(argv=combo_argv(world, *combo, device=device) + list(extra), mid=1, steps=2,
-                        sys_path=FAKE_HOROVOD if combo[0] == "horovod" else None)
-            jobs.append(dict(base, name=combo_name(combo)))
-        resumes = [dict(job, name=f"{job['name']}.resumed", resume=os.path.join(out_dir, f"{job['name']}.mid.ckpt"))
-                   for job in jobs]
-        for batch in (jobs, resumes):
-            mp.spawn(run_jobs, args=(nprocs, free_port(), batch, out_dir, device), nprocs=nprocs, join=True)
-            if batch is jobs:  # resume only what ran
-                ran = {j["name"] for j in jobs if "refused" not in _load(out_dir, j["name"])}
-                resumes[:] = [r for r in resumes if r["name"].removesuffix(".resumed") in ran]
-        for combo in mine:
-            name = combo_name(combo)
-            records[combo] = {"straight": _load(out_dir, name)}
-            if os.path.exists(os.path.join(out_dir, f"{name}.resumed.pt")):
-                records[combo]["resumed"] = _load(out_dir, f"{name}.resumed")
+            name = f"{combo_name(combo)}.resumed"
+            if os.path.exists(os.path.join(engine_dir, f"{name}.pt")):
+                records[combo]["resumed"] = _load(engine_dir, name)
+        shutil.rmtree(engine_dir)  # what the checks read is in `records` now
     return records
 
 

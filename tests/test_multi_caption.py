@@ -43,8 +43,8 @@ def write_multi_caption_csv(folder: str, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multicap")
+def world(module_tmp_path):
+    root = module_tmp_path
     csv = write_multi_caption_csv(str(root / "data"), 16)
     teacher = str(root / "teacher.pt")
     torch.manual_seed(7)

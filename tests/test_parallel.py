@@ -32,8 +32,8 @@ def needs(*names: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = kd_world(tmp_path_factory.mktemp("parallel"))
+def world(module_tmp_path):
+    w = kd_world(module_tmp_path)
     root = w["root"]
     for stage in (2, 3):
         with open(root / f"zero{stage}.json", "w") as f:

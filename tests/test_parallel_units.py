@@ -17,8 +17,8 @@ from training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("units")
+def world(module_tmp_path):
+    root = module_tmp_path
     csv = write_image_csv(str(root / "data"), n=16, size=64)
     teacher = str(root / "teacher.pt")
     torch.manual_seed(7)

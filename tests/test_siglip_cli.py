@@ -17,8 +17,8 @@ from training.models import create_clip
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("siglip")
+def world(module_tmp_path):
+    root = module_tmp_path
     csv = write_image_csv(str(root / "data"), n=16, size=64)
     out = {"root": root, "csv": csv, "data_root": str(root / "data")}
     for name in ("tiny-teacher", "tiny-sigmoid"):

@@ -66,8 +66,8 @@ def build_argv(world, out, *extra, views=3, dtype="fp16"):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher_cache")
+def world(module_tmp_path):
+    root = module_tmp_path
     csv = write_images(str(root / "data"))
     teacher = str(root / "teacher.pt")
     torch.manual_seed(7)

@@ -15,8 +15,8 @@ from training.models import create_clip
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
+def world(module_tmp_path):
+    root = module_tmp_path
     csv = write_image_csv(str(root / "data"), n=24, size=64)
     teacher_path = str(root / "teacher.pt")
     torch.manual_seed(7)

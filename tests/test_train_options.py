@@ -12,8 +12,8 @@ from training.models import create_clip
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("options")
+def world(module_tmp_path):
+    root = module_tmp_path
     csv = write_image_csv(str(root / "data"), n=8, size=64)
     torch.manual_seed(3)
     init = create_clip("tiny-student", None, torch.device("cpu")).state_dict()

@@ -88,8 +88,8 @@ TRANSFORMS = DataTransforms(student_train=_student, student_val=_student, tokeni
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(str(tmp_path_factory.mktemp("wds")))
+def shards(module_tmp_path):
+    return make_shards(str(module_tmp_path))
 
 
 def _args(pattern, **kw):

@@ -31,8 +31,8 @@ def _rows(csv_path: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    return generate_world(tmp_path_factory.mktemp("world"), seed=3, **SMALL)
+def small_world(module_tmp_path):
+    return generate_world(module_tmp_path, seed=3, **SMALL)
 
 
 def test_determinism(tmp_path):
